@@ -1,0 +1,1 @@
+"""Training engine: llama forward/backward with LoRA on numpy + numba kernels."""

@@ -1,0 +1,836 @@
+"""Elementwise and reduction kernels of the training engine (numba), in the style of llm.c.
+
+Each public function is a thin Python wrapper (shape checks, allocation, dtype of scalars) around
+one or two ``@njit`` kernels.  Conventions:
+
+* arrays are float32 or float64 (numba compiles one specialization per dtype); inputs are made
+  C-contiguous, secondary arrays (weights, cos/sin, ...) are converted to the dtype of the main
+  input, and outputs have that dtype;
+* ``*_forward`` returns ``(out, cache)`` where backward needs something; ``*_backward(dout, ...)``
+  returns the input gradients;
+* every result is deterministic run to run: a ``prange`` iteration writes only its own output
+  slots, and every sum has a fixed order;
+* ``parallel=True`` only where it pays: attention, SwiGLU and cross-entropy.  RMSNorm and RoPE
+  are serial: they are memory-bound, take ~0.1-0.3 ms at SmolLM2 size, and each parallel kernel
+  adds ~2 s of first-run compilation per dtype;
+* the big products of the materialized attention are numpy batched matmuls (BLAS).
+
+Shapes: N rows (tokens) of C channels, F = n_ff, B sequences of T tokens, Hq/Hkv query/KV heads
+of size D (G = Hq // Hkv query heads share one KV head), V = n_vocab.
+
+``kernels_ref.py`` holds slow, obviously-correct numpy versions with the same signatures;
+``tests/test_engine_kernels.py`` checks one against the other and every backward against
+finite differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = [
+    "rmsnorm_forward", "rmsnorm_backward",
+    "rope_cache", "rope_forward", "rope_backward", "to_heads", "from_heads",
+    "swiglu_forward", "swiglu_backward",
+    "attention_forward", "attention_backward",
+    "flash_attention_forward", "flash_attention_backward",
+    "xent_forward_backward", "xent_forward",
+    "embedding_scatter_add",
+]
+
+FLASH_BLOCK_Q = 32  # query rows per parallel work item of the flash forward
+_DW_BLOCK = 64  # columns per pass of rmsnorm's weight gradient (float64 accumulators in cache)
+
+_FLOATS = (np.float32, np.float64)
+
+
+# -- helpers (Python) --------------------------------------------------------------------------
+
+def _float_array(x, name: str) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def _like(a, dtype, shape, name: str) -> np.ndarray:
+    """``a`` as a C-contiguous array of ``dtype`` with exactly ``shape``."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
+    return a
+
+
+def _out(out, shape, dtype, name: str = "out") -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array of shape {tuple(shape)}")
+    return out
+
+
+# -- scalar helpers (compiled) ------------------------------------------------------------------
+
+@intrinsic
+def _pow2_biased(typingctx, v):
+    """float32 v = 2^23 + 127 + n with integer n in [-126, 127] -> 2^n (float32).
+
+    The low mantissa bits of v hold n + 127; shifting them into the exponent field builds 2^n
+    with integer ops only (no float->int conversion, so a NaN v gives a number, not poison)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        return builder.bitcast(builder.shl(bits, ir.Constant(i32, 23)), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+_F = np.float32
+_LOG2E, _LN2_HI, _LN2_LO = _F(1.44269504088896341), _F(0.693359375), _F(-2.12194440e-4)
+_EXP_LO, _EXP_HI = _F(-87.33654), _F(88.0)  # ln(FLT_MIN); 2^127 bound of the exponent trick
+_BIAS = _F(8388608.0 + 127.0)
+_P0, _P1, _P2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
+_P3, _P4, _P5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
+_ONE32, _HALF32, _ZERO32 = _F(1.0), _F(0.5), _F(0.0)
+
+
+@njit(cache=True, fastmath=False)
+def _expf32(x):  # pragma: no cover - compiled
+    # float32 exp without a libm call, so loops over it vectorize (max error < 1 ulp measured
+    # against float64 exp on [-87.3, 88]).  Cody-Waite reduction x = n·ln2 + r, Cephes' degree-6
+    # polynomial for e^r, times 2^n.  Returns 0 below ln(FLT_MIN), e^88 above 88, NaN for NaN.
+    xc = _EXP_LO if x < _EXP_LO else x
+    xc = _EXP_HI if xc > _EXP_HI else xc
+    n = np.floor(xc * _LOG2E + _HALF32)
+    r = xc - n * _LN2_HI
+    r = r - n * _LN2_LO
+    y = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE32
+    y = y * _pow2_biased(n + _BIAS)
+    return _ZERO32 if x < _EXP_LO else y
+
+
+def _exp(x):
+    """exp in the argument's precision: :func:`_expf32` for float32, libm exp for float64."""
+    return np.exp(x)
+
+
+@overload(_exp, jit_options={"cache": True})
+def _exp_ol(x):
+    if x == types.float32:
+        return lambda x: _expf32(x)
+    return lambda x: np.exp(x)
+
+
+@njit(cache=True, fastmath=False)
+def _max_n(x, n):  # pragma: no cover - compiled
+    # max of x[:n] (n >= 1), four independent chains (max is exact, so order does not matter)
+    m0 = m1 = m2 = m3 = x[0]
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        m0 = x[j] if x[j] > m0 else m0
+        m1 = x[j + 1] if x[j + 1] > m1 else m1
+        m2 = x[j + 2] if x[j + 2] > m2 else m2
+        m3 = x[j + 3] if x[j + 3] > m3 else m3
+    for j in range(n4, n):
+        m0 = x[j] if x[j] > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
+
+
+@njit(cache=True, fastmath=False)
+def _exp_sub_sum(x, n, m):  # pragma: no cover - compiled
+    # x[:n] := exp(x[:n] − m) in x's dtype; returns Σ in float64 (four partial sums in a fixed
+    # order, so the result is deterministic)
+    for j in range(n):
+        x[j] = _exp(x[j] - m)
+    s0 = s1 = s2 = s3 = 0.0
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+    for j in range(n4, n):
+        s0 += x[j]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, fastmath=False)
+def _sum_exp_sub(x, n, m):  # pragma: no cover - compiled
+    # Σ exp(x[:n] − m) without touching x: exps go through a small buffer in chunks of 512 so
+    # the exp loop vectorizes; the four partial sums see every element in the same slot as in
+    # _exp_sub_sum (512 % 4 == 0), so both return bitwise the same value.
+    buf = np.empty(min(n, 512), dtype=x.dtype)
+    s0 = s1 = s2 = s3 = 0.0
+    for c0 in range(0, n, 512):
+        c = min(512, n - c0)
+        for j in range(c):
+            buf[j] = _exp(x[c0 + j] - m)
+        c4 = c - c % 4
+        for j in range(0, c4, 4):
+            s0 += buf[j]
+            s1 += buf[j + 1]
+            s2 += buf[j + 2]
+            s3 += buf[j + 3]
+        for j in range(c4, c):
+            s0 += buf[j]
+    return (s0 + s1) + (s2 + s3)
+
+
+# == 1. RMSNorm ==================================================================================
+
+@njit(cache=True, fastmath=False)
+def _rmsnorm_fwd(x, w, eps, one, out, rstd):  # pragma: no cover - compiled
+    # x [N, C], w [C]; eps, one: scalars of x's dtype -> out [N, C], rstd [N]
+    # As ggml_rms_norm: squares in the dtype, summed in float64, mean rounded to the dtype,
+    # then rstd = 1/sqrt(mean + eps) and out = (x * rstd) * w, all in the dtype.
+    N, C = x.shape
+    for i in range(N):
+        s = 0.0
+        for j in range(C):
+            s += x[i, j] * x[i, j]
+        rstd[i] = s / C  # rounds the mean to the dtype
+        r = one / np.sqrt(rstd[i] + eps)
+        rstd[i] = r
+        for j in range(C):
+            out[i, j] = (x[i, j] * r) * w[j]
+
+
+@njit(cache=True, fastmath=False)
+def _rmsnorm_bwd_dx(dout, x, w, rstd, dx):  # pragma: no cover - compiled
+    # dout, x [N, C], w [C], rstd [N] -> dx [N, C]
+    # out = x·r·w with r = (mean(x²)+eps)^-1/2:  dx = r·w·dout − x·r³/C · Σ_k dout_k w_k x_k
+    N, C = x.shape
+    for i in range(N):
+        r = np.float64(rstd[i])
+        dot = 0.0
+        for j in range(C):
+            dot += np.float64(dout[i, j]) * w[j] * x[i, j]
+        c = r * r * r * dot / C
+        for j in range(C):
+            dx[i, j] = r * w[j] * dout[i, j] - c * x[i, j]
+
+
+@njit(cache=True, fastmath=False)
+def _rmsnorm_bwd_dw(dout, x, rstd, bc, dw):  # pragma: no cover - compiled
+    # dout, x [N, C], rstd [N] -> dw [C] = Σ_i dout[i]·x[i]·rstd[i]
+    # blocks of bc columns (float64 accumulators stay in cache); rows summed in order.
+    N, C = x.shape
+    nb = (C + bc - 1) // bc
+    for blk in range(nb):
+        j0 = blk * bc
+        j1 = min(C, j0 + bc)
+        acc = np.zeros(j1 - j0, dtype=np.float64)
+        for i in range(N):
+            r = np.float64(rstd[i])
+            for j in range(j0, j1):
+                acc[j - j0] += np.float64(dout[i, j]) * (x[i, j] * r)
+        for j in range(j0, j1):
+            dw[j] = acc[j - j0]
+
+
+def rmsnorm_forward(x, w, eps: float, out=None):
+    """x [N, C], w [C] -> (out [N, C] = x·rstd·w, rstd [N] = 1/sqrt(mean(x²)+eps))."""
+    x = _float_array(x, "x")
+    N, C = x.shape
+    w = _like(w, x.dtype, (C,), "w")
+    out = _out(out, (N, C), x.dtype)
+    rstd = np.empty(N, dtype=x.dtype)
+    t = x.dtype.type
+    _rmsnorm_fwd(x, w, t(eps), t(1), out, rstd)
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, w, rstd):
+    """dout [N, C], x [N, C], w [C], rstd [N] -> (dx [N, C], dw [C])."""
+    x = _float_array(x, "x")
+    N, C = x.shape
+    dout = _like(dout, x.dtype, (N, C), "dout")
+    w = _like(w, x.dtype, (C,), "w")
+    rstd = _like(rstd, x.dtype, (N,), "rstd")
+    dx = np.empty_like(x)
+    dw = np.empty(C, dtype=x.dtype)
+    _rmsnorm_bwd_dx(dout, x, w, rstd, dx)
+    _rmsnorm_bwd_dw(dout, x, rstd, _DW_BLOCK, dw)
+    return dx, dw
+
+
+# == 2. RoPE (GGML_ROPE_TYPE_NORM: adjacent pairs) and head-major transposes ======================
+
+@njit(cache=True, fastmath=False)
+def _rope_tables(pos, half, theta_scale, freq_scale, zero, cos, sin):  # pragma: no cover - compiled
+    # pos [T] int; theta_scale, freq_scale: float32; zero: 0 of the output dtype
+    # -> cos, sin [T, half].  As ggml_rope_cache_init: theta starts at float(p) and is multiplied
+    # by theta_scale once per pair, in float32; theta·freq_scale (float32) goes into cos/sin,
+    # evaluated in the output dtype (libm cosf/sinf for float32).
+    T = pos.shape[0]
+    for t in range(T):
+        theta = np.float32(pos[t])
+        for i in range(half):
+            th = zero + freq_scale * theta
+            cos[t, i] = np.cos(th)
+            sin[t, i] = np.sin(th)
+            theta = theta * theta_scale
+
+
+@njit(cache=True, fastmath=False)
+def _powf(a, b):  # pragma: no cover - compiled; float32 in, libm powf
+    return np.power(a, b)
+
+
+def rope_cache(pos, n_rot: int, freq_base: float, freq_scale: float, dtype=np.float32):
+    """pos [T] int -> (cos [T, n_rot//2], sin [T, n_rot//2]) for ggml's rope with ext_factor 0.
+
+    theta_i(p) = freq_scale · p · freq_base^(-2i/n_rot), built as ggml does in float32
+    (theta_scale = powf(base, -2/n_rot), theta *= theta_scale); cos/sin in ``dtype``.
+    """
+    if n_rot <= 0 or n_rot % 2:
+        raise ValueError(f"n_rot must be a positive even number, got {n_rot}")
+    pos = np.ascontiguousarray(pos, dtype=np.int64)
+    if pos.ndim != 1:
+        raise ValueError(f"pos must be 1-D, got shape {pos.shape}")
+    dtype = np.dtype(dtype)
+    if dtype not in _FLOATS:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    f32 = np.float32
+    theta_scale = f32(_powf(f32(freq_base), f32(-2.0) / f32(n_rot)))
+    half = n_rot // 2
+    cos = np.empty((pos.shape[0], half), dtype=dtype)
+    sin = np.empty((pos.shape[0], half), dtype=dtype)
+    _rope_tables(pos, half, theta_scale, f32(freq_scale), dtype.type(0), cos, sin)
+    return cos, sin
+
+
+@njit(cache=True, fastmath=False)
+def _rope_fwd(x, cos, sin, n_rot, out):  # pragma: no cover - compiled
+    # x [B, T, H, D], cos/sin [T, n_rot/2] -> out [B, H, T, D]
+    # (x0, x1) = (x[2i], x[2i+1]) -> (x0·c − x1·s, x0·s + x1·c); dims >= n_rot are copied
+    B, T, H, D = x.shape
+    half = n_rot // 2
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                for i in range(half):
+                    c = cos[t, i]
+                    s = sin[t, i]
+                    x0 = x[b, t, h, 2 * i]
+                    x1 = x[b, t, h, 2 * i + 1]
+                    out[b, h, t, 2 * i] = x0 * c - x1 * s
+                    out[b, h, t, 2 * i + 1] = x0 * s + x1 * c
+                for d in range(n_rot, D):
+                    out[b, h, t, d] = x[b, t, h, d]
+
+
+@njit(cache=True, fastmath=False)
+def _rope_bwd(dout, cos, sin, n_rot, dx):  # pragma: no cover - compiled
+    # dout [B, H, T, D], cos/sin [T, n_rot/2] -> dx [B, T, H, D]: the inverse (transposed) rotation
+    B, H, T, D = dout.shape
+    half = n_rot // 2
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                for i in range(half):
+                    c = cos[t, i]
+                    s = sin[t, i]
+                    d0 = dout[b, h, t, 2 * i]
+                    d1 = dout[b, h, t, 2 * i + 1]
+                    dx[b, t, h, 2 * i] = d0 * c + d1 * s
+                    dx[b, t, h, 2 * i + 1] = d1 * c - d0 * s
+                for d in range(n_rot, D):
+                    dx[b, t, h, d] = dout[b, h, t, d]
+
+
+def _rope_args(x, cos, sin, n_rot, T):
+    half = n_rot // 2
+    if n_rot <= 0 or n_rot % 2 or n_rot > x.shape[3]:
+        raise ValueError(f"n_rot must be even and in 1..{x.shape[3]}, got {n_rot}")
+    cos = _like(cos, x.dtype, (T, half), "cos")
+    sin = _like(sin, x.dtype, (T, half), "sin")
+    return cos, sin
+
+
+def rope_forward(x, cos, sin, n_rot: int, out=None):
+    """x [B, T, H, D] -> out [B, H, T, D]: rotate adjacent pairs of the first n_rot dims, head-major."""
+    x = _float_array(x, "x")
+    B, T, H, D = x.shape
+    cos, sin = _rope_args(x, cos, sin, n_rot, T)
+    out = _out(out, (B, H, T, D), x.dtype)
+    _rope_fwd(x, cos, sin, n_rot, out)
+    return out
+
+
+def rope_backward(dout, cos, sin, n_rot: int):
+    """dout [B, H, T, D] -> dx [B, T, H, D] (inverse rotation and transpose back)."""
+    dout = _float_array(dout, "dout")
+    B, H, T, D = dout.shape
+    cos, sin = _rope_args(dout, cos, sin, n_rot, T)
+    dx = np.empty((B, T, H, D), dtype=dout.dtype)
+    _rope_bwd(dout, cos, sin, n_rot, dx)
+    return dx
+
+
+def to_heads(x, out=None):
+    """x [B, T, H, D] -> contiguous [B, H, T, D] (numpy copy; memory-bound)."""
+    x = _float_array(x, "x")
+    B, T, H, D = x.shape
+    out = _out(out, (B, H, T, D), x.dtype)
+    np.copyto(out, x.transpose(0, 2, 1, 3))
+    return out
+
+
+def from_heads(x, out=None):
+    """x [B, H, T, D] -> contiguous [B, T, H, D] (numpy copy; memory-bound)."""
+    x = _float_array(x, "x")
+    B, H, T, D = x.shape
+    out = _out(out, (B, T, H, D), x.dtype)
+    np.copyto(out, x.transpose(0, 2, 1, 3))
+    return out
+
+
+# == 3. SwiGLU ===================================================================================
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _swiglu_fwd(g, u, one, h):  # pragma: no cover - compiled
+    # g, u [N, F] -> h [N, F] = silu(g)·u, silu(g) = g/(1+exp(-g)) in the dtype (as ggml_silu_f32,
+    # with the vectorizable _exp instead of libm expf for float32)
+    N, F = g.shape
+    for i in prange(N):
+        for j in range(F):
+            x = g[i, j]
+            h[i, j] = (x / (one + _exp(-x))) * u[i, j]
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _swiglu_bwd(dh, g, u, one, dg, du):  # pragma: no cover - compiled
+    # dh, g, u [N, F] -> dg, du [N, F]
+    # σ = 1/(1+e^-g): du = dh·g·σ, dg = dh·u·σ·(1 + g·(1−σ))
+    N, F = g.shape
+    for i in prange(N):
+        for j in range(F):
+            x = g[i, j]
+            sg = one / (one + _exp(-x))
+            d = dh[i, j]
+            du[i, j] = d * (x * sg)
+            dg[i, j] = d * u[i, j] * (sg * (one + x * (one - sg)))
+
+
+def swiglu_forward(g, u, out=None):
+    """g, u [N, F] -> h [N, F] = silu(g)·u."""
+    g = _float_array(g, "g")
+    u = _like(u, g.dtype, g.shape, "u")
+    h = _out(out, g.shape, g.dtype)
+    _swiglu_fwd(g.reshape(g.shape[0], -1), u.reshape(g.shape[0], -1), g.dtype.type(1), h.reshape(g.shape[0], -1))
+    return h
+
+
+def swiglu_backward(dh, g, u):
+    """dh, g, u [N, F] -> (dg, du) [N, F]."""
+    g = _float_array(g, "g")
+    u = _like(u, g.dtype, g.shape, "u")
+    dh = _like(dh, g.dtype, g.shape, "dh")
+    dg = np.empty_like(g)
+    du = np.empty_like(g)
+    n = g.shape[0]
+    _swiglu_bwd(dh.reshape(n, -1), g.reshape(n, -1), u.reshape(n, -1), g.dtype.type(1),
+                dg.reshape(n, -1), du.reshape(n, -1))
+    return dg, du
+
+
+# == 4. causal attention with GQA, head-major ======================================================
+
+def _attn_shapes(q, k, v):
+    q = _float_array(q, "q")
+    B, Hq, T, D = q.shape
+    if k.ndim != 4 or k.shape[0] != B or k.shape[2:] != (T, D) or k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"k has shape {k.shape}, expected [B={B}, Hkv dividing {Hq}, T={T}, D={D}]")
+    Hkv = k.shape[1]
+    k = _like(k, q.dtype, (B, Hkv, T, D), "k")
+    v = _like(v, q.dtype, (B, Hkv, T, D), "v")
+    return q, k, v, B, Hq, Hkv, T, D
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _causal_softmax(s, T, scale):  # pragma: no cover - compiled
+    # s [R, T] raw scores q·k, row r has query position r % T; scale of s's dtype -> in place:
+    # p_j = exp(scale·s_j − m) / Σ for j <= r % T (exp in the dtype, Σ in float64), 0 above
+    R = s.shape[0]
+    for r in prange(R):
+        n = r % T + 1
+        row = s[r]
+        for j in range(n):
+            row[j] = scale * row[j]
+        tot = _exp_sub_sum(row, n, _max_n(row, n))
+        inv = 1.0 / tot
+        for j in range(n):
+            row[j] = row[j] * inv
+        for j in range(n, T):
+            row[j] = 0
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _causal_softmax_bwd(dp, p, T, scale):  # pragma: no cover - compiled
+    # dp, p [R, T] -> in place dp := scale·P ⊙ (dP − rowsum(dP ⊙ P)) (0 above the diagonal)
+    R = p.shape[0]
+    for r in prange(R):
+        n = r % T + 1
+        tot = 0.0
+        for j in range(n):
+            tot += np.float64(dp[r, j]) * p[r, j]
+        for j in range(n):
+            dp[r, j] = scale * p[r, j] * (dp[r, j] - tot)
+        for j in range(n, T):
+            dp[r, j] = 0
+
+
+def _t(x):
+    """Contiguous copy of x with its last two axes swapped (numpy's matmul only calls BLAS
+    on stacks whose matrices have unit stride in the last axis; transposed views are ~15x slower)."""
+    return np.ascontiguousarray(x.swapaxes(-1, -2))
+
+
+def attention_forward(q, k, v, scale: float):
+    """q [B, Hq, T, D], k, v [B, Hkv, T, D] -> (out [B, Hq, T, D], probs [B, Hq, T, T]).
+
+    Query head h reads KV head h // (Hq // Hkv).  q viewed as [B, Hkv, G·T, D] makes the score
+    and value products one batched matmul each.
+    """
+    q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
+    G = Hq // Hkv
+    s = np.matmul(q.reshape(B, Hkv, G * T, D), _t(k))  # [B, Hkv, G*T, T]
+    _causal_softmax(s.reshape(-1, T), T, q.dtype.type(scale))
+    out = np.matmul(s, v)  # [B, Hkv, G*T, D]
+    return out.reshape(B, Hq, T, D), s.reshape(B, Hq, T, T)
+
+
+def attention_backward(dout, q, k, v, probs, scale: float):
+    """dout [B, Hq, T, D], probs [B, Hq, T, T] -> (dq [B, Hq, T, D], dk, dv [B, Hkv, T, D]).
+
+    dk and dv sum over the G query heads of each KV head through the folded G·T rows.
+    """
+    q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
+    G = Hq // Hkv
+    dout = _like(dout, q.dtype, (B, Hq, T, D), "dout").reshape(B, Hkv, G * T, D)
+    p = _like(probs, q.dtype, (B, Hq, T, T), "probs").reshape(B, Hkv, G * T, T)
+    dv = _t(np.matmul(_t(dout), p))  # (doutᵀ·P)ᵀ = Pᵀ·dout  [B, Hkv, T, D]
+    ds = np.matmul(dout, _t(v))  # dP [B, Hkv, G*T, T]
+    _causal_softmax_bwd(ds.reshape(-1, T), p.reshape(-1, T), T, float(scale))  # -> dS
+    dq = np.matmul(ds, k)  # [B, Hkv, G*T, D]
+    dk = _t(np.matmul(_t(q.reshape(B, Hkv, G * T, D)), ds))  # dSᵀ·q  [B, Hkv, T, D]
+    return dq.reshape(B, Hq, T, D), dk, dv
+
+
+@njit(cache=True, fastmath=False)
+def _scores(q, i, kT, n, s):  # pragma: no cover - compiled
+    # s[:n] = q[i]·kT[:, :n]  (q [T, D], kT [D, >=n]); accumulated over d in order, four dims
+    # per pass over s (same additions in the same order as one dim at a time; fewer stores)
+    D = q.shape[1]
+    for j in range(n):
+        s[j] = 0
+    d = 0
+    while d + 4 <= D:
+        q0, q1, q2, q3 = q[i, d], q[i, d + 1], q[i, d + 2], q[i, d + 3]
+        k0, k1, k2, k3 = kT[d], kT[d + 1], kT[d + 2], kT[d + 3]
+        for j in range(n):
+            s[j] = (((s[j] + q0 * k0[j]) + q1 * k1[j]) + q2 * k2[j]) + q3 * k3[j]
+        d += 4
+    while d < D:
+        q0 = q[i, d]
+        k0 = kT[d]
+        for j in range(n):
+            s[j] += q0 * k0[j]
+        d += 1
+
+
+@njit(cache=True, fastmath=False)
+def _flash_fwd_rows(q, k, v, scale, i0, i1, out, lse):  # pragma: no cover - compiled
+    # one head, query rows i0..i1-1: q, out [T, D], k, v [T, D], lse [T]
+    # A row's scores (<= T of them, in a [T] buffer) come from a transposed key block kT [D, i1]
+    # (vectorizes over keys), are scaled (scale has q's dtype), then max / exp / Σ (float64) and
+    # out = Σ_j p_j v_j / Σ_j p_j.  The whole row fits the buffer, so no online rescaling.
+    D = q.shape[1]
+    kT = np.empty((D, i1), dtype=q.dtype)
+    for j in range(i1):
+        for d in range(D):
+            kT[d, j] = k[j, d]
+    s = np.empty(i1, dtype=q.dtype)
+    acc = np.empty(D, dtype=q.dtype)
+    for i in range(i0, i1):
+        n = i + 1
+        _scores(q, i, kT, n, s)
+        for j in range(n):
+            s[j] = scale * s[j]
+        m = _max_n(s, n)
+        tot = _exp_sub_sum(s, n, m)
+        for d in range(D):
+            acc[d] = 0
+        j = 0
+        while j + 4 <= n:  # acc += p_j v_j, four keys per pass (same order of additions)
+            p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
+            v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
+            for d in range(D):
+                acc[d] = (((acc[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
+            j += 4
+        while j < n:
+            p0 = s[j]
+            v0 = v[j]
+            for d in range(D):
+                acc[d] += p0 * v0[d]
+            j += 1
+        for d in range(D):
+            out[i, d] = acc[d] / tot
+        lse[i] = m + np.log(tot)
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _flash_fwd(q, k, v, scale, bq, out, lse):  # pragma: no cover - compiled
+    # q [B, Hq, T, D], k, v [B, Hkv, T, D] -> out [B, Hq, T, D], lse [B, Hq, T]
+    # prange over (b, h, block of bq query rows); each item writes only its own rows
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    nqb = (T + bq - 1) // bq
+    for item in prange(B * Hq * nqb):
+        qb = item % nqb
+        h = (item // nqb) % Hq
+        b = item // (nqb * Hq)
+        i0 = qb * bq
+        _flash_fwd_rows(q[b, h], k[b, h // G], v[b, h // G], scale, i0, min(T, i0 + bq), out[b, h], lse[b, h])
+
+
+@njit(cache=True, fastmath=False)
+def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no cover - compiled
+    # one query head: dout, q, out, dq [T, D], k, v [T, D] (its KV head), lse [T]
+    # -> dq; dk, dv [T, D] accumulate (+=) this head's contribution.
+    # For each query row i: recompute p_j = exp(scale·q_i·k_j − lse_i) and dp_j = dout_i·v_j
+    # (j <= i), ds_j = scale·p_j·(dp_j − dout_i·out_i), then dq_i = Σ_j ds_j k_j,
+    # dk_j += ds_j q_i, dv_j += p_j dout_i.  Rows go in blocks of 4 that share each pass over a
+    # key row (p and ds are 0 past a row's diagonal); every sum still adds rows in order i and
+    # keys in order j, so the result equals the row-at-a-time loop.
+    T, D = q.shape
+    kT = np.empty((D, T), dtype=q.dtype)
+    vT = np.empty((D, T), dtype=q.dtype)
+    for j in range(T):
+        for d in range(D):
+            kT[d, j] = k[j, d]
+            vT[d, j] = v[j, d]
+    P = np.zeros((4, T), dtype=q.dtype)
+    DS = np.zeros((4, T), dtype=q.dtype)
+    dqa = np.empty((4, D), dtype=q.dtype)
+    for i0 in range(0, T, 4):
+        i1 = min(T, i0 + 4)
+        for r in range(i1 - i0):
+            i = i0 + r
+            n = i + 1
+            di = 0.0
+            for d in range(D):
+                di += np.float64(dout[i, d]) * out[i, d]
+            pr = P[r]
+            dsr = DS[r]
+            _scores(q, i, kT, n, pr)
+            _scores(dout, i, vT, n, dsr)
+            li = lse[i]
+            for j in range(n):
+                pj = _exp(scale * pr[j] - li)
+                pr[j] = pj
+                dsr[j] = scale * pj * (dsr[j] - di)
+            for j in range(n, i1):
+                pr[j] = 0
+                dsr[j] = 0
+        for r in range(4):
+            for d in range(D):
+                dqa[r, d] = 0
+        if i1 - i0 == 4:
+            q0, q1, q2, q3 = q[i0], q[i0 + 1], q[i0 + 2], q[i0 + 3]
+            o0, o1, o2, o3 = dout[i0], dout[i0 + 1], dout[i0 + 2], dout[i0 + 3]
+            a0, a1, a2, a3 = dqa[0], dqa[1], dqa[2], dqa[3]
+            for j in range(i1):
+                p0, p1, p2, p3 = P[0, j], P[1, j], P[2, j], P[3, j]
+                s0, s1, s2, s3 = DS[0, j], DS[1, j], DS[2, j], DS[3, j]
+                kj = k[j]
+                dkj = dk[j]
+                dvj = dv[j]
+                for d in range(D):
+                    kd = kj[d]
+                    a0[d] += s0 * kd
+                    a1[d] += s1 * kd
+                    a2[d] += s2 * kd
+                    a3[d] += s3 * kd
+                    dkj[d] = (((dkj[d] + s0 * q0[d]) + s1 * q1[d]) + s2 * q2[d]) + s3 * q3[d]
+                    dvj[d] = (((dvj[d] + p0 * o0[d]) + p1 * o1[d]) + p2 * o2[d]) + p3 * o3[d]
+        else:
+            for r in range(i1 - i0):
+                i = i0 + r
+                qi = q[i]
+                doi = dout[i]
+                ar = dqa[r]
+                for j in range(i + 1):
+                    pj = P[r, j]
+                    dsj = DS[r, j]
+                    kj = k[j]
+                    dkj = dk[j]
+                    dvj = dv[j]
+                    for d in range(D):
+                        ar[d] += dsj * kj[d]
+                        dkj[d] += dsj * qi[d]
+                        dvj[d] += pj * doi[d]
+        for r in range(i1 - i0):
+            for d in range(D):
+                dq[i0 + r, d] = dqa[r, d]
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _flash_bwd(dout, q, k, v, out, lse, scale, dq, dkp, dvp):  # pragma: no cover - compiled
+    # dout, q, out [B, Hq, T, D], k, v [B, Hkv, T, D], lse [B, Hq, T]
+    # -> dq [B, Hq, T, D]; per-query-head partials dkp, dvp [B, Hq, T, D] (zeroed by the caller).
+    # prange over (b, h): each item writes only its own head's slots.
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    for bh in prange(B * Hq):
+        b = bh // Hq
+        h = bh % Hq
+        _flash_bwd_head(dout[b, h], q[b, h], k[b, h // G], v[b, h // G], out[b, h], lse[b, h], scale,
+                        dq[b, h], dkp[b, h], dvp[b, h])
+
+
+def flash_attention_forward(q, k, v, scale: float, block_q: int = FLASH_BLOCK_Q):
+    """q [B, Hq, T, D], k, v [B, Hkv, T, D] -> (out [B, Hq, T, D], lse [B, Hq, T]).
+
+    Same result as :func:`attention_forward` (to rounding) with O(T) memory per row block;
+    lse is the log-sum-exp of each row's scaled scores (what backward needs).
+    """
+    q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
+    out = np.empty_like(q)
+    lse = np.empty((B, Hq, T), dtype=q.dtype)
+    _flash_fwd(q, k, v, q.dtype.type(scale), max(1, int(block_q)), out, lse)
+    return out, lse
+
+
+def flash_attention_backward(dout, q, k, v, out, lse, scale: float):
+    """dout, q, out [B, Hq, T, D], k, v [B, Hkv, T, D], lse [B, Hq, T] -> (dq, dk, dv).
+
+    Each query head accumulates its own dk/dv partial; the G partials of a KV head are then
+    summed in head order, so the result does not depend on thread timing.
+    """
+    q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
+    dout = _like(dout, q.dtype, q.shape, "dout")
+    out = _like(out, q.dtype, q.shape, "out")
+    lse = _like(lse, q.dtype, (B, Hq, T), "lse")
+    dq = np.empty_like(q)
+    dkp = np.zeros_like(q)
+    dvp = np.zeros_like(q)
+    _flash_bwd(dout, q, k, v, out, lse, q.dtype.type(scale), dq, dkp, dvp)
+    G = Hq // Hkv
+    if G == 1:
+        return dq, dkp, dvp
+    # sum each KV head's G partials; numpy adds the g slices in order (deterministic)
+    dk = dkp.reshape(B, Hkv, G, T, D).sum(axis=2)
+    dv = dvp.reshape(B, Hkv, G, T, D).sum(axis=2)
+    return dq, dk, dv
+
+
+# == 5. fused softmax + cross-entropy ===============================================================
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _xent_fwd_bwd(logits, targets, weights, inv_norm, nll):  # pragma: no cover - compiled
+    # logits [N, V] (overwritten), targets [N] int, weights [N] float64 -> nll [N] float64
+    # e_j = exp(l_j − max) in the dtype (vectorizable _exp), stored in place, summed in float64;
+    # nll = log Σ + max − l_t;  dlogits = (e_j/Σ − [j == t])·w·inv_norm (0 when w == 0)
+    N, V = logits.shape
+    for i in prange(N):
+        t = targets[i]
+        row = logits[i]
+        lt = np.float64(row[t])
+        m = _max_n(row, V)
+        tot = _exp_sub_sum(row, V, m)
+        nll[i] = np.log(tot) + m - lt
+        wn = weights[i] * inv_norm
+        if wn == 0.0:
+            for j in range(V):
+                row[j] = 0
+        else:
+            c = wn / tot
+            et = np.float64(row[t])
+            for j in range(V):
+                row[j] = row[j] * c
+            row[t] = et * c - wn
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _xent_fwd(logits, targets, nll):  # pragma: no cover - compiled
+    # logits [N, V], targets [N] -> nll [N] float64 = log Σ_j exp(l_j − max) + max − l_t
+    N, V = logits.shape
+    for i in prange(N):
+        row = logits[i]
+        m = _max_n(row, V)
+        nll[i] = np.log(_sum_exp_sub(row, V, m)) + m - np.float64(row[targets[i]])
+
+
+def _xent_targets(targets, N: int, V: int) -> np.ndarray:
+    t = np.ascontiguousarray(targets)
+    if t.shape != (N,) or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"targets must be an integer array of shape ({N},), got {t.dtype} {t.shape}")
+    if N and (t.min() < 0 or t.max() >= V):
+        raise ValueError(f"targets must lie in [0, {V}), got range [{t.min()}, {t.max()}]")
+    return t.astype(np.int64, copy=False)
+
+
+def xent_forward_backward(logits, targets, weights, inv_norm: float):
+    """logits [N, V] (float32/64, C-contiguous, OVERWRITTEN), targets [N] int, weights [N] -> nll [N] float64.
+
+    On return ``logits`` holds dlogits = (softmax(logits) − onehot(target))·weights[i]·inv_norm,
+    the gradient of inv_norm·Σ_i weights[i]·nll[i]; nll is unweighted.
+    """
+    if not isinstance(logits, np.ndarray) or logits.dtype not in _FLOATS or logits.ndim != 2:
+        raise ValueError("logits must be a 2-D float32 or float64 array")
+    if not logits.flags.c_contiguous or not logits.flags.writeable:
+        raise ValueError("logits must be C-contiguous and writeable (it is overwritten in place)")
+    N, V = logits.shape
+    t = _xent_targets(targets, N, V)
+    w = _like(weights, np.float64, (N,), "weights")
+    nll = np.empty(N, dtype=np.float64)
+    if V:
+        _xent_fwd_bwd(logits, t, w, float(inv_norm), nll)
+    return nll
+
+
+def xent_forward(logits, targets):
+    """logits [N, V], targets [N] int -> nll [N] float64 (logits untouched, no [N, V] temporary)."""
+    logits = _float_array(logits, "logits")
+    N, V = logits.shape
+    t = _xent_targets(targets, N, V)
+    nll = np.empty(N, dtype=np.float64)
+    if V:
+        _xent_fwd(logits, t, nll)
+    return nll
+
+
+# == 6. embeddings ==================================================================================
+
+@njit(cache=True, fastmath=False)
+def _scatter_add(dst, ids, src):  # pragma: no cover - compiled
+    # dst [V, C] += src [N, C] rows at ids [N]; sequential over N (repeated ids add in order)
+    N, C = src.shape
+    for n in range(N):
+        r = ids[n]
+        for c in range(C):
+            dst[r, c] += src[n, c]
+
+
+def embedding_scatter_add(dst, ids, src) -> None:
+    """dst [V, C] (modified in place) += src [N, C] scattered to rows ids [N]."""
+    if not isinstance(dst, np.ndarray) or dst.dtype not in _FLOATS or dst.ndim != 2 or not dst.flags.writeable:
+        raise ValueError("dst must be a writeable 2-D float32 or float64 array")
+    V, C = dst.shape
+    ids = np.ascontiguousarray(ids).reshape(-1)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    N = ids.shape[0]
+    src = _like(src, dst.dtype, (N, C), "src")
+    if N and (ids.min() < 0 or ids.max() >= V):
+        raise ValueError(f"ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
+    _scatter_add(dst, ids.astype(np.int64, copy=False), src)
