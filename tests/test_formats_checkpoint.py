@@ -1,0 +1,68 @@
+"""Checkpoints: llama.cpp's fixture checkpoints load; ours round-trip bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gguf_finetune.engine.lora import LoraRanks, init_lora
+from gguf_finetune.formats.checkpoint import (OptimizerState, TrainState, read_checkpoint,
+                                              write_checkpoint)
+from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.model import read_hparams
+
+
+def test_llamacpp_checkpoint_loads_with_scale_one(shared):
+    fx = shared / "fixtures" / "llamacpp-tiny"
+    hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
+    c = read_checkpoint(fx / "chk-tiny-4.gguf", hp)
+    assert c.from_llamacpp
+    assert c.ranks.wq == 4 and c.ranks.att_norm == 1
+    assert set(c.lora.scales.values()) == {1.0}
+    assert c.train.iteration == 4 and c.opt.iteration == 4
+    assert c.opt.m.shape == c.lora.flat.shape == (266309,)
+    f = open_gguf(fx / "chk-tiny-4.gguf", "checkpoint")
+    raw = np.asarray(f.tensors["blk.1.ffn_down.weight.lora_a"].data).reshape(160, 4)
+    np.testing.assert_array_equal(c.lora.a["blk.1.ffn_down.weight"], raw)
+    assert np.any(c.lora.b["blk.1.ffn_down.weight"] != 0)
+
+
+def test_our_checkpoint_round_trips(tmp_path, shared):
+    fx = shared / "fixtures" / "llamacpp-tiny"
+    hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
+    ranks = LoraRanks.uniform(3, norm_rank=1)
+    lora = init_lora(hp, ranks, alpha=6.0, seed=5)
+    lora.b[lora.layout.specs[0].name][...] = 0.25
+    rng = np.random.default_rng(0)
+    opt = OptimizerState(rng.random(lora.layout.size, dtype=np.float32), rng.random(lora.layout.size, dtype=np.float32),
+                         iteration=17, just_initialized=False, best_loss=1.5, previous_loss=1.75, no_improvement_count=2)
+    train = TrainState(iteration=17, sample_count=34, token_count=1088, epoch_count=1, shuffle_samples_hash=2**63 + 5,
+                       shuffle_rng_state="1 2 3", shuffle_sample_count=488, shuffle_next_sample=9)
+    path = tmp_path / "chk.gguf"
+    write_checkpoint(path, hp, 32, ranks, lora, opt, train, ours={"note": "x"})
+    c = read_checkpoint(path, hp)
+    assert not c.from_llamacpp and c.ours["note"] == "x"
+    assert c.lora.alpha == 6.0 and c.lora.scales["blk.0.attn_q.weight"] == 2.0
+    np.testing.assert_array_equal(c.lora.flat, lora.flat)
+    np.testing.assert_array_equal(c.opt.m, opt.m)
+    np.testing.assert_array_equal(c.opt.v, opt.v)
+    assert c.train == train
+    assert (c.opt.iteration, c.opt.best_loss, c.opt.previous_loss, c.opt.no_improvement_count) == (17, 1.5, 1.75, 2)
+
+
+def test_llamacpp_moments_map_to_our_layout(shared):
+    """ggml stores moments in graph order; mapped to our layout, only token_embd's b is sparse
+    (rows of tokens never seen have no gradient) and its non-zero rows are the seen tokens."""
+    fx = shared / "fixtures" / "llamacpp-tiny"
+    hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
+    c = read_checkpoint(fx / "chk-tiny-4.gguf", hp)
+    m = c.opt.v
+    for s in c.lora.layout.specs:
+        oa, ob = c.lora.layout.offsets[s.name]
+        b = m[ob:ob + s.n_out * s.rank].reshape(s.n_out, s.rank)
+        a = m[oa:oa + s.n_in * s.rank]
+        assert np.count_nonzero(a) == a.size, s.name
+        zero_rows = np.count_nonzero(~b.any(axis=1))
+        if s.name == "token_embd.weight":
+            assert 0.5 * s.n_out < zero_rows < s.n_out  # only a few hundred tokens seen in 4 iterations
+        else:
+            assert zero_rows == 0, s.name
