@@ -1,0 +1,127 @@
+"""What every entry point shares: error handling at the top (``run_main``) and thread settings.
+
+Exit status: 0 ok (also after ``--help``); 1 a :class:`UserError` (bad file, bad data); 2 a
+:class:`UsageError` (bad flags); 130 interrupted (Ctrl-C); 141 stdout closed early (``| head``),
+quietly.  Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from ..errors import UserError
+from .args import HelpRequested
+
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool killed by SIGPIPE reports
+
+
+def run_main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None,
+             prog: str | None = None) -> NoReturn:
+    """Call ``fn(argv)`` and exit with its status, turning user errors into one line on stderr.
+
+    ``argv`` defaults to ``sys.argv[1:]``, ``prog`` to the program's file name.  ``fn`` returns an
+    exit status (None = 0) or raises; ``HelpRequested`` prints its text on stdout.
+    """
+    prog = prog or os.path.basename(sys.argv[0]) or "gguf-finetune"
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            status = fn(args) or 0
+        except HelpRequested as h:
+            sys.stdout.write(h.text)
+            status = 0
+        sys.stdout.flush()
+    except UserError as e:
+        _flush_quietly()
+        _error_line(prog, str(e))
+        status = e.exit_code
+    except KeyboardInterrupt:
+        _flush_quietly()
+        _error_line(prog, "interrupted")
+        status = EXIT_INTERRUPTED
+    except MemoryError:
+        _flush_quietly()
+        _error_line(prog, "out of memory")
+        status = 1
+    except BrokenPipeError:
+        if not _stdout_is_broken():
+            raise  # some other pipe: a bug
+        _silence_stdout()
+        status = EXIT_BROKEN_PIPE
+    sys.exit(status)
+
+
+def _error_line(prog: str, message: str) -> None:
+    line = " ".join(f"{prog}: {message}".split())
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        _silence_stdout()
+
+
+def _stdout_is_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows) or no real stdout: assume it was stdout
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's flush at exit does not complain about the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` threads for numba kernels and BLAS; returns the count numba actually uses.
+
+    numba cannot exceed ``numba.config.NUMBA_NUM_THREADS`` (the CPU count unless the environment
+    says otherwise), so ``n`` is clamped to it; BLAS is clamped to the CPUs this process may use.
+    BLAS is limited with threadpoolctl when that is installed (works at any time); otherwise through
+    the OPENBLAS/MKL/BLIS/OMP_NUM_THREADS variables, which only take effect if numpy (and with it
+    its BLAS) has not been imported yet in this process, and in child processes.  So call this
+    early: right after parsing the command line.
+    """
+    if n < 1:
+        raise ValueError(f"thread count must be positive, got {n}")
+    blas = min(int(n), cpu_count())
+    if "numpy" not in sys.modules:
+        for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ[var] = str(blas)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        pass
+    else:
+        threadpool_limits(limits=blas, user_api="blas")
+    import numba
+
+    used = min(int(n), int(numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(used)
+    return used
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

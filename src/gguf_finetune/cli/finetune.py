@@ -1,0 +1,400 @@
+"""``finetune``: llama.cpp's finetune, flag for flag — load, resume or start, train, save.
+
+The pieces live below the CLI (model, data, trainer, formats); this module wires them together
+from the parsed flags and prints llama.cpp's start-up lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .args import FinetuneArgs, parse_finetune_args
+from .common import run_main, set_threads
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def output_name(pattern_path: str, pattern: str, value: str) -> str:
+    """llama.cpp's get_train_filename: the first occurrence of ``pattern`` replaced by ``value``."""
+    return pattern_path.replace(pattern, value, 1) if pattern else pattern_path
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Fail before training, not at the first save, when an output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} '{path}': folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': folder '{folder}' is not writable")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}': is a directory, expected a file name")
+
+
+def lora_format(a: FinetuneArgs) -> str:
+    if "--lora-format" in a.given:
+        return a.out.lora_format
+    return "ggla" if a.out.lora_out.endswith(".bin") else "gguf"
+
+
+def resolve_ranks(a: FinetuneArgs, hp, ckpt):
+    """Ranks from the flags; a resumed checkpoint's ranks win over flags that were not given."""
+    from ..engine.lora import LoraRanks
+    from .args import RANK_FLAGS
+
+    ranks = a.lora.resolved_ranks()
+    given = {k for k in RANK_FLAGS if getattr(a.lora, "rank_" + k) is not None}
+    if ckpt is not None:
+        for k, v in vars(ckpt.ranks).items():
+            if k in given and ranks[k] != v:
+                raise UserError(f"--rank-{k} {ranks[k]} does not match the checkpoint's rank {v} "
+                                f"('{a.out.checkpoint_in}')")
+            ranks[k] = v
+        return LoraRanks(**ranks)
+    if hp.tied_embeddings:
+        # today's llama.cpp applies a token_embd adapter to the tied output head as well, where its
+        # flipped layout does not fit: leave both untrained unless asked for
+        for k in ("tok_embd", "out"):
+            if k not in given and ranks[k]:
+                ranks[k] = 0
+                print(f"finetune: note: tied embeddings: --rank-{k} set to 0 (give it explicitly to train it; "
+                      f"today's llama.cpp cannot apply such an adapter to a tied head)", file=sys.stderr)
+    return LoraRanks(**ranks)
+
+
+def print_params(hp, a: FinetuneArgs, ranks) -> None:
+    _say("main: init model")
+    for name, val in (("n_vocab", hp.n_vocab), ("n_ctx", a.run.n_ctx), ("n_embd", hp.n_embd), ("n_ff", hp.n_ff),
+                      ("n_head", hp.n_head), ("n_head_kv", hp.n_head_kv), ("n_layer", hp.n_layer)):
+        _say(f"print_params: {name:<21} : {val}")
+    _say(f"print_params: {'norm_rms_eps':<21} : {hp.rms_eps:f}")
+    _say(f"print_params: {'rope_freq_base':<21} : {hp.rope_freq_base:f}")
+    _say(f"print_params: {'rope_freq_scale':<21} : {hp.rope_freq_scale:f}")
+    for label, key in (("attention_norm", "att_norm"), ("wq", "wq"), ("wk", "wk"), ("wv", "wv"), ("wo", "wo"),
+                       ("ffn_norm", "ffn_norm"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
+                       ("ffn_up", "ffn_up"), ("tok_embeddings", "tok_embd"), ("norm", "out_norm"),
+                       ("output", "out")):
+        _say(f"print_lora_params: n_rank_{label:<14} : {getattr(ranks, key)}")
+
+
+class Saver:
+    """Writes checkpoint and adapter for an iteration: ITERATION and LATEST names, atomically."""
+
+    def __init__(self, a: FinetuneArgs, model, ranks, fmt: str):
+        self.a, self.model, self.hp, self.ranks, self.fmt = a, model, model.hparams, ranks, fmt
+        self.notice_done = False
+
+    def norm_delta_ratio(self, lora, names) -> float:
+        """Largest ‖Δg‖/‖g‖ over the norm adapters: how much a GGUF adapter leaves out."""
+        from ..quants import dequantize_tensor
+
+        worst = 0.0
+        for name in names:
+            a, b, s = lora.get(name)
+            g = dequantize_tensor(self.model.gguf.tensor(name))
+            worst = max(worst, float(np.linalg.norm(s * (a @ b[0])) / max(np.linalg.norm(g), 1e-30)))
+        return worst
+
+    def write_lora(self, path: str, lora) -> None:
+        if self.fmt == "ggla":
+            from ..formats.ggla import write_ggla
+
+            write_ggla(path, lora, self.a.lora.lora_r, self.a.lora.alpha)
+            return
+        from ..formats.adapter_gguf import dropped_message, write_adapter_gguf
+
+        dropped = write_adapter_gguf(path, lora, self.hp, self.a.out.lora_type)
+        msg = dropped_message(dropped, self.hp.tied_embeddings)
+        if msg and not self.notice_done:
+            self.notice_done = True
+            norms = [sp.name for sp in dropped if sp.kind == "norm"]
+            if norms:
+                msg += (f"; the norm adapters change their weights by up to "
+                        f"{100 * self.norm_delta_ratio(lora, norms):.2f}% (relative L2); checkpoints and "
+                        f"export-lora keep them")
+            print(f"finetune: {msg}", file=sys.stderr)
+
+    def __call__(self, iteration: int, trainer) -> list[str]:
+        from ..formats.checkpoint import write_checkpoint
+
+        o = self.a.out
+        paths = []
+        for value in (str(iteration), o.fn_latest):
+            p = output_name(o.checkpoint_out, o.pattern_fn_it, value)
+            _say(f"save_checkpoint_lora_file: saving to {p}")
+            write_checkpoint(p, self.hp, self.a.run.n_ctx, self.ranks, trainer.lora, trainer.opt, trainer.train)
+            paths.append(p)
+        for value in (str(iteration), o.fn_latest):
+            p = output_name(o.lora_out, o.pattern_fn_it, value)
+            _say(f"save_as_llama_lora: saving to {p}")
+            self.write_lora(p, trainer.lora)
+            paths.append(p)
+        return paths
+
+    def save_best(self, iteration: int, trainer) -> list[str]:
+        """--save-best: the checkpoint and adapter under the 'best' names (see best_name)."""
+        from ..formats.checkpoint import write_checkpoint
+
+        o = self.a.out
+        ck, lo = best_name(o.checkpoint_out, o.pattern_fn_it), best_name(o.lora_out, o.pattern_fn_it)
+        _say(f"save_checkpoint_lora_file: saving to {ck}")
+        write_checkpoint(ck, self.hp, self.a.run.n_ctx, self.ranks, trainer.lora, trainer.opt, trainer.train)
+        _say(f"save_as_llama_lora: saving to {lo}")
+        self.write_lora(lo, trainer.lora)
+        return [ck, lo]
+
+
+def best_name(path: str, pattern: str) -> str:
+    """The --save-best file name: 'best' in place of the ITERATION pattern, or '-best' before the
+    extension when the name has no pattern."""
+    if pattern and pattern in path:
+        return output_name(path, pattern, "best")
+    root, ext = os.path.splitext(path)
+    return f"{root}-best{ext}"
+
+
+# --------------------------------------------------------------------------------------------------
+# training and validation data
+# --------------------------------------------------------------------------------------------------
+_TEXT_ONLY_FLAGS = ("--sample-start", "--include-sample-start", "--escape", "--overlapping-samples",
+                    "--sample-random-offsets", "--separate-with-eos", "--separate-with-bos",
+                    "--no-separate-with-eos", "--no-separate-with-bos")
+
+
+def _template_loader(a: FinetuneArgs, model, path: str):
+    def make():
+        from ..data.chat_template import GGUF_KEY, file_time, load_chat_template
+
+        return load_chat_template(a.data.chat_template, model.gguf.get(GGUF_KEY, None), model.tokenizer,
+                                  file_time(path))
+    return make
+
+
+def load_dataset(a: FinetuneArgs, model, path: str, what: str, prog: str):
+    """(format, dataset) of a training or validation file; reports as llama.cpp's finetune does."""
+    from ..data.jsonl import detect_format, load_jsonl_dataset
+    from ..data.text import load_train_text, tokenize_file
+
+    fmt = detect_format(path, a.data.data_format)
+    tok = model.tokenizer
+    if fmt == "jsonl":
+        _say(f"main: tokenize {what} from {path} (jsonl)")
+        ds = load_jsonl_dataset(path, tok, a.run.n_ctx, template_for=_template_loader(a, model, path),
+                                train_on_prompt=a.data.train_on_prompt, what=what, report=_say)
+        _say(f"main: number of {'training' if what == 'train data' else 'validation'} tokens: {ds.n_tokens}")
+        _say(f"main: number of trained tokens: {ds.n_trained()}"
+             + (" (--train-on-prompt)" if a.data.train_on_prompt else " (assistant turns and completions)"))
+    elif what == "train data":
+        ds = load_train_text(path, tok, a.data.sample_start_bytes, a.data.include_sample_start,
+                             a.data.overlapping_samples, a.run.n_ctx, report=_say)
+        if any("sample start pattern" in m and "not found" in m for m in ds.messages):
+            # llama.cpp's behaviour (the whole file is one sample) is kept, but said where it is seen
+            hint = "; with --escape, \\n in it means a newline" if "\\" in a.data.sample_start and \
+                not a.data.escape else ""
+            print(f"{prog}: warning: --sample-start {a.data.sample_start!r} does not occur in '{path}': "
+                  f"training on the whole file as one sample{hint}", file=sys.stderr)
+    else:
+        _say(f"main: tokenize {what} from {path}")
+        ds = tokenize_file(path, tok, a.data.sample_start_bytes, a.data.include_sample_start,
+                           a.data.overlapping_samples, a.run.n_ctx, report=_say)
+        if not a.data.sample_start_bytes:
+            from ..data.validation import text_windows
+
+            ds = text_windows(ds, a.run.n_ctx)
+            _say(f"main: {what}: {ds.n_samples} windows of {a.run.n_ctx} tokens")
+    if ds.n_samples and int(ds.tokens.max(initial=0)) >= model.hparams.n_vocab:
+        raise UserError(f"{what} '{path}': token id {int(ds.tokens.max())} is outside the model's vocabulary "
+                        f"({model.hparams.n_vocab} tokens)")
+    return fmt, ds
+
+
+def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
+    """Training batches (resumed shuffle) and, when asked for, the validation batches."""
+    from ..data.jsonl import RecordBatchConfig, RecordBatchIterator, detect_format, record_eval_batches
+    from ..data.text import BatchConfig, BatchIterator, resume_shuffle
+    from ..data.validation import split_indices, subset_text, text_eval_batches
+
+    v = a.val
+    if v.val_data and v.val_split > 0:
+        raise UserError("--val-data and --val-split: give one of them")
+    if (v.eval_every > 0 or v.save_best) and not (v.val_data or v.val_split > 0):
+        flag = "--save-best" if v.save_best else "--eval-every"
+        raise UserError(f"{flag} needs validation data: give --val-data FNAME or --val-split F")
+    if v.val_data and not os.path.isfile(v.val_data):
+        raise UserError(f"--val-data '{v.val_data}': file not found")
+    tok, hp = model.tokenizer, model.hparams
+    fmt, ds = load_dataset(a, model, a.data.train_data, "train data", prog)
+    if fmt == "jsonl":
+        ignored = [f for f in _TEXT_ONLY_FLAGS if f in a.given]
+        if ignored:
+            print(f"{prog}: note: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only to "
+                  f"plain-text data; ignored for JSONL", file=sys.stderr)
+    else:
+        ignored = [f for f in ("--chat-template", "--train-on-prompt") if f in a.given]
+        if ignored and not (v.val_data and detect_format(v.val_data, a.data.data_format) == "jsonl"):
+            print(f"{prog}: note: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only to "
+                  f"JSONL data; ignored", file=sys.stderr)
+
+    val_fmt, val_ds = None, None
+    if v.val_split > 0:
+        if fmt == "text" and (not a.data.sample_start_bytes or a.data.overlapping_samples):
+            raise UserError("--val-split on plain text needs samples that do not overlap: give --sample-start "
+                            "(without --overlapping-samples), or give --val-data")
+        split_seed = a.run.seed if a.run.seed >= 0 else 0
+        train_idx, val_idx = split_indices(ds.n_samples, v.val_split, split_seed)
+        n_all = ds.n_samples
+        if fmt == "jsonl":
+            ds, val_ds = ds.subset(train_idx), ds.subset(val_idx)
+        else:
+            ds, val_ds = subset_text(ds, train_idx), subset_text(ds, val_idx)
+        val_fmt = fmt
+        _say(f"main: validation: holding out {val_ds.n_samples} of {n_all} samples (--val-split {v.val_split:g}, "
+             f"seed {split_seed})")
+    elif v.val_data:
+        val_fmt, val_ds = load_dataset(a, model, v.val_data, "validation data", prog)
+
+    state = resume_shuffle(saved, ds, a.data.train_data, seed, a.data.force_reshuffle, report=_say)
+    if fmt == "jsonl":
+        bcfg = RecordBatchConfig(a.run.n_batch, a.run.n_ctx, a.data.fill_with_next_samples)
+        batches = RecordBatchIterator(ds, state, bcfg, tok.eos_id, hp.n_vocab, report=_say)
+    else:
+        bcfg = BatchConfig(a.run.n_batch, a.run.n_ctx, a.data.fill_with_next_samples, a.data.separate_with_eos,
+                           a.data.separate_with_bos, a.data.sample_random_offsets)
+        batches = BatchIterator(ds, state, bcfg, tok.bos_id, tok.eos_id, hp.n_vocab, report=_say)
+    eval_batches = None
+    if val_ds is not None:
+        if val_fmt == "jsonl":
+            eval_batches = record_eval_batches(val_ds, a.run.n_batch, a.run.n_ctx, tok.eos_id)
+        else:
+            eval_batches = text_eval_batches(val_ds, a.run.n_batch, a.run.n_ctx, tok.bos_id, tok.eos_id, hp.n_vocab)
+        n_w = int(sum(float(w.sum()) for _, _, w in eval_batches))
+        _say(f"main: validation: {val_ds.n_samples} samples, {n_w} trained positions, {len(eval_batches)} batches")
+    return batches, eval_batches
+
+
+def previous_best(a: FinetuneArgs, hp, evaluator, prog: str) -> float | None:
+    """--save-best on a resumed run: the validation loss of the best checkpoint an earlier run kept."""
+    from ..formats.checkpoint import read_checkpoint
+
+    p = best_name(a.out.checkpoint_out, a.out.pattern_fn_it)
+    if not os.path.isfile(p):
+        return None
+    try:
+        ck = read_checkpoint(p, hp)
+    except UserError as e:
+        print(f"{prog}: note: cannot read the earlier best checkpoint ({e}); it will be replaced", file=sys.stderr)
+        return None
+    loss = float(evaluator(ck.lora))
+    _say(f"main: best so far: {p} (iteration {ck.train.iteration}) val_loss={loss:f}")
+    return loss
+
+
+def run(argv: list[str], prog: str = "finetune") -> int | None:
+    a = parse_finetune_args(argv, prog)
+    set_threads(a.run.n_threads)
+    if "--n-gpu-layers" in a.given:
+        print(f"{prog}: note: -ngl/--n-gpu-layers has no effect: this engine runs on the CPU", file=sys.stderr)
+    from ..data.text import ShuffleState
+    from ..engine.lora import init_lora
+    from ..formats.checkpoint import OptimizerState, TrainState, read_checkpoint
+    from ..model import HParamOverrides, load_model
+    from ..report import LlamaLog, MetricsFile, ProgressBar
+    from ..trainer import Trainer, TrainConfig
+
+    o = a.out
+    fmt = lora_format(a)
+    check_output_dir(o.lora_out, "--lora-out")
+    if not o.only_write_lora:
+        check_output_dir(o.checkpoint_out, "--checkpoint-out")
+        check_output_dir(o.metrics_path, "--metrics-out")
+        if not os.path.isfile(a.data.train_data):
+            what = "is a directory, expected a file" if os.path.isdir(a.data.train_data) else "file not found"
+            raise UserError(f"--train-data '{a.data.train_data}': {what}")
+    if not a.model.model_base:
+        raise UserError("--model-base: no model given")
+    budget = 0 if a.run.low_memory else a.run.memory_budget
+    overrides = HParamOverrides(a.model.rope_freq_base, a.model.rope_freq_scale, a.model.norm_rms_eps)
+    # training reads the head twice per step: dequantizing it in chunks costs ~1% and saves
+    # n_vocab x n_embd floats (113 MB on SmolLM2)
+    model = load_model(a.model.model_base, overrides=overrides, memory_budget=budget, cache_head=False)
+    hp = model.hparams
+    seed = a.run.seed if a.run.seed >= 0 else int(time.time()) & 0xFFFFFFFF
+    _say(f"main: seed: {seed}")
+    _say(f"main: model base = '{a.model.model_base}'")
+    if a.run.n_ctx > hp.n_ctx_train:
+        print(f"{prog}: warning: --ctx {a.run.n_ctx} is above the model's training context {hp.n_ctx_train}",
+              file=sys.stderr)
+
+    ckpt = None
+    if Path(o.checkpoint_in).exists():
+        ckpt = read_checkpoint(o.checkpoint_in, hp)
+    elif o.only_write_lora or "--checkpoint-in" in a.given:
+        _say(f"main: checkpoint '{o.checkpoint_in}' not found: starting a new adapter")
+        if o.only_write_lora:
+            raise UserError(f"--checkpoint-in '{o.checkpoint_in}': file not found (needed by --only-write-lora)")
+    ranks = resolve_ranks(a, hp, ckpt)
+    print_params(hp, a, ranks)
+    if ckpt is not None:
+        lora, opt, train = ckpt.lora, ckpt.opt, ckpt.train
+    else:
+        lora = init_lora(hp, ranks, a.lora.alpha, seed)
+        opt = OptimizerState.zeros(lora.layout.size, a.opt.opt_past)
+        train = TrainState()
+    _say(f"main: total train_iterations {train.iteration}")
+    _say(f"main: seen train_samples     {train.sample_count}")
+    _say(f"main: seen train_tokens      {train.token_count}")
+    _say(f"main: completed train_epochs {train.epoch_count}")
+    _say(f"main: lora_size = {lora.flat.nbytes} bytes ({lora.flat.nbytes / 2**20:.1f} MB)")
+    _say(f"main: opt_size  = {opt.m.nbytes + opt.v.nbytes} bytes ({(opt.m.nbytes + opt.v.nbytes) / 2**20:.1f} MB)")
+    _say(f"main: opt iter {opt.iteration}")
+    saver = Saver(a, model, ranks, fmt)
+    if o.only_write_lora:
+        p = output_name(o.lora_out, o.pattern_fn_it, str(train.iteration))
+        _say(f"save_as_llama_lora: saving to {p}")
+        saver.write_lora(p, lora)
+        return 0
+
+    saved = None
+    if ckpt is not None:
+        t = ckpt.train
+        saved = ShuffleState(t.shuffle_samples_hash, t.shuffle_rng_state, t.shuffle_sample_count,
+                             t.shuffle_next_sample, t.epoch_count, t.sample_count)
+    batches, eval_batches = setup_data(a, model, seed, saved, prog)
+    evaluator, best_loss = None, None
+    if eval_batches is not None:
+        from ..evaluate import Evaluator
+
+        evaluator = Evaluator(model.weights, hp, eval_batches, flash=a.run.use_flash)
+        if a.val.save_best and ckpt is not None:
+            best_loss = previous_best(a, hp, evaluator, prog)
+    cfg = TrainConfig(n_ctx=a.run.n_ctx, n_batch=a.run.n_batch, grad_acc=a.run.grad_acc, save_every=o.save_every,
+                      epochs=a.opt.epochs, checkpointing=a.run.use_checkpointing, flash=a.run.use_flash,
+                      adam=a.opt.adamw_config())
+    callbacks: list = [LlamaLog()]
+    show_bar = a.run.progress if a.run.progress is not None else sys.stderr.isatty()
+    if show_bar:
+        callbacks.append(ProgressBar(a.opt.adam_iter))
+    metrics = MetricsFile(o.metrics_path)
+    callbacks.append(metrics)
+    _say("main: begin training")
+    trainer = Trainer(model.weights, hp, lora, opt, train, batches, cfg, callbacks, save=saver,
+                      evaluator=evaluator, eval_every=a.val.eval_every,
+                      save_best=saver.save_best if a.val.save_best else None, best_loss=best_loss)
+    result = trainer.run()
+    if result.reason == "interrupted":
+        print(f"{prog}: interrupted: saved iteration {result.iteration} "
+              f"({output_name(o.checkpoint_out, o.pattern_fn_it, o.fn_latest)})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_main(run, argv, "finetune")
