@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""One full training step (forward, backward, optimizer) on a real or synthetic model.
+
+    python scripts/bench.py                              # SmolLM2-135M Q4_1, ctx 256, batch 1
+    python scripts/bench.py --no-checkpointing
+    python scripts/bench.py --low-memory
+    python scripts/bench.py --model 1b.gguf --steps 2
+    python scripts/bench.py --write-docs                 # also update docs/PERFORMANCE.md
+
+Prints tokens/s, peak RSS, matmul FLOP/s and MFU (matmul FLOP/s ÷ sgemm peak measured in the
+same run).  Each configuration should run in its own process (peak RSS is per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+import gguf_finetune  # noqa: E402,F401  (before numpy: sets the thread wait policy for numba and OpenBLAS)
+import numpy as np  # noqa: E402
+
+
+def default_model() -> str:
+    from gguf_finetune.demo import default_model_path
+
+    return str(default_model_path())
+
+
+def sgemm_peak(n: int = 2048, reps: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def step_matmul_flops(hp, lora, B: int, T: int, checkpointing: bool) -> float:
+    """Matmul FLOPs of one training step (base weights need dx only; LoRA needs dx, da, db)."""
+    N = B * T
+    C, F, Ckv, V = hp.n_embd, hp.n_ff, hp.n_embd_kv, hp.n_vocab
+    layer = 2 * N * (C * C * 2 + C * Ckv * 2 + 3 * C * F)  # projections, one pass
+    attn = 2 * 2 * B * hp.n_head * T * T * hp.head_dim / 2  # causal QK^T and PV, half the square
+    head = 2 * N * C * V
+    fwd = hp.n_layer * (layer + attn) + head
+    bwd = hp.n_layer * (layer + 2 * attn) + head  # dx of projections; attention dq,dk,dv ~ 2x
+    recompute = hp.n_layer * (layer + attn) if checkpointing else 0
+    lora_flops = 0
+    for s in lora.layout.specs:
+        if s.kind == "norm":
+            continue
+        lora_flops += 2 * N * s.rank * (s.n_in + s.n_out) * 3  # fwd + dx + grads, roughly
+    return fwd + bwd + recompute + lora_flops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--lora-r", type=int, default=4)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--no-flash", action="store_true")
+    ap.add_argument("--low-memory", action="store_true")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+
+    from gguf_finetune.cli.common import set_threads
+    from gguf_finetune.engine.backward import loss_and_grad
+    from gguf_finetune.engine.lora import LoraRanks, init_lora
+    from gguf_finetune.model import load_model
+
+    set_threads(args.threads)
+    path = args.model or default_model()
+    t0 = time.perf_counter()
+    model = load_model(path, memory_budget=0 if args.low_memory else None, with_tokenizer=True, cache_head=False)
+    t_load = time.perf_counter() - t0
+    hp = model.hparams
+    lora = init_lora(hp, LoraRanks.uniform(args.lora_r), alpha=args.lora_r, seed=1)
+    grads = lora.like()
+    m = np.zeros_like(lora.flat)
+    v = np.zeros_like(lora.flat)
+    rng = np.random.default_rng(0)
+    B, T = args.batch, args.ctx
+    tokens = rng.integers(0, hp.n_vocab, size=(B, T))
+    targets = np.roll(tokens, -1, axis=1)
+    mask = np.ones((B, T), dtype=np.float32)
+    ckpt, flash = not args.no_checkpointing, not args.no_flash
+
+    def step(it: int) -> float:
+        grads.flat[:] = 0
+        loss = loss_and_grad(model.weights, hp, lora, grads, tokens, targets, mask, 1.0 / mask.sum(),
+                             checkpointing=ckpt, flash=flash)
+        # AdamW over the flat buffer (the trainer's optimizer does the same vector operations)
+        g = grads.flat
+        m[:] = 0.9 * m + 0.1 * g
+        v[:] = 0.999 * v + 0.001 * g * g
+        lora.flat[:] -= 1e-4 * (m / (1 - 0.9**it)) / (np.sqrt(v / (1 - 0.999**it)) + 1e-8)
+        return loss
+
+    t0 = time.perf_counter()
+    step(1)  # warm-up: numba compilation or cache load
+    t_warm = time.perf_counter() - t0
+    times = []
+    for it in range(2, args.steps + 2):
+        t0 = time.perf_counter()
+        loss = step(it)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    tok_s = B * T / dt
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
+    flops = step_matmul_flops(hp, lora, B, T, ckpt)
+    peak = sgemm_peak()
+    mode = ("checkpointing" if ckpt else "no checkpointing") + (", low-memory" if args.low_memory else "") + \
+        ("" if flash else ", no flash")
+    row = (f"| {Path(path).name} | {mode} | {T} | {B} | {args.threads} | {tok_s:.1f} | {rss:.0f} | "
+           f"{flops / dt / 1e9:.1f} | {peak / 1e9:.0f} | {100 * flops / dt / peak:.0f}% |")
+    print(f"model {Path(path).name}: load {t_load:.2f}s, first step {t_warm:.2f}s, loss {loss:.4f}")
+    print(f"step {dt * 1000:.0f} ms (median of {len(times)}), {tok_s:.1f} tokens/s, peak RSS {rss:.0f} MB, "
+          f"matmul {flops / dt / 1e9:.1f} GFLOP/s of sgemm peak {peak / 1e9:.0f} GFLOP/s "
+          f"(MFU {100 * flops / dt / peak:.0f}%), f32 weight cache {model.weights.cached_bytes / 2**20:.0f} MB")
+    print(row)
+    if args.write_docs:
+        update_docs(row, " ".join(shlex.quote(a) for a in ["python", "scripts/bench.py"] + sys.argv[1:]))
+
+
+def update_docs(row: str, command: str) -> None:
+    doc = REPO / "docs" / "PERFORMANCE.md"
+    text = doc.read_text() if doc.exists() else "# Performance\n"
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    header = ("| model | mode | ctx | batch | threads | tokens/s | peak RSS MB | matmul GFLOP/s | sgemm peak | MFU |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
+    if begin not in text:
+        text += f"\n## Training step (scripts/bench.py)\n\n{begin}\n{header}{end}\n"
+    pre, rest = text.split(begin, 1)
+    body, post = rest.split(end, 1)
+    lines = [ln for ln in body.strip().splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    key = row.split("|")[1:5]
+    lines = [ln for ln in lines if ln.split("|")[1:5] != key]
+    lines.append(row)
+    stamp = f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores; last command: `{command}`\n\n"
+    body = "\n" + stamp + header + "\n".join(lines) + "\n"
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(pre + begin + body + end + post)
+
+
+if __name__ == "__main__":
+    main()
