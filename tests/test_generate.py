@@ -132,10 +132,41 @@ def smol(smollm2):
 def test_incremental_logits_equal_full_forward_smollm2(smol):
     ids = smol.tokenize("The quick brown fox jumps over the lazy dog. Once upon a time")
     full = smol.logits(ids)
+    assert Decoder.for_model(smol).quantized  # Q4_1 blocks and a Q8_0 head: decode reads them directly
     inc = decode_rows(smol, ids, n_prefill=4)
     err = np.abs(inc - full).max()
-    assert err <= 5e-4, err  # measured 7e-5 (logits up to ~33): BLAS rounding of 1-row products
+    assert err <= 5e-4, err  # measured 7e-5 (logits up to ~33): float32 summation order
     assert (inc.argmax(-1) == full.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0", "Q8_0"])  # types gguf-py can write
+def test_quantized_decode_equals_float_decode_with_lora(tmp_path, qtype):
+    """Decode steps from quantized blocks (+ the adapter) give the float path's logits."""
+    spec = SyntheticSpec(n_vocab=300, n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=2, n_rot=64,
+                         n_ctx_train=64, seed=7, std=0.1, qtype=qtype)
+    path = write_synthetic_model(tmp_path / f"{qtype}.gguf", spec)
+    model = model_with_lora(path, np.float32)
+    ids = np.random.default_rng(4).integers(0, 300, 12)
+    rows = {}
+    for quantized in (True, False):
+        dec = Decoder(model.weights, model.hparams, model.lora, n_ctx=16, quantized=quantized)
+        assert dec.quantized == quantized
+        rows[quantized] = np.concatenate([dec.eval(ids[:3], logits_from=0)] + [dec.eval([t]) for t in ids[3:]])
+    scale = float(np.abs(rows[False]).max())
+    assert np.abs(rows[True] - rows[False]).max() <= 2e-5 * scale
+    plain = load_model(path).logits(ids)  # and the adapter is really applied on the quantized path
+    assert np.abs(plain - rows[True]).max() > 1e-2 * scale
+
+
+def test_quantized_decode_is_off_for_types_without_a_kernel(tmp_path):
+    from gguf_finetune.errors import UserError
+
+    spec = SyntheticSpec(n_vocab=300, n_embd=256, n_ff=512, n_layer=1, n_head=4, n_head_kv=2, n_rot=64,
+                         n_ctx_train=64, seed=7, qtype="BF16")
+    model = load_model(write_synthetic_model(tmp_path / "bf16.gguf", spec))
+    assert not Decoder.for_model(model).quantized
+    with pytest.raises(UserError, match="matvec kernel"):
+        Decoder.for_model(model, quantized=True)
 
 
 # -- the generation loop ---------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ a prompt prefilled at p0 = 0 gives the same attention output as the training for
 only differences from :meth:`Model.logits` come from BLAS rounding of matrix products of other
 shapes (one row instead of T).
 
-Per generated token the Python work is one loop over layers (a dozen kernel/BLAS calls each);
-weights come from :class:`~gguf_finetune.model.Weights` (its float32 cache by default, so nothing
-is dequantized per token).
+Per generated token the Python work is one loop over layers (a dozen kernel calls each).  Passes
+of up to ``QUANT_MAX_T`` tokens (every decode step) multiply the weights in the file's own
+quantized blocks (:mod:`.qmatvec`: 0.5-1 byte per weight read instead of 4, the step's real cost);
+longer passes (prefill) use BLAS on :class:`~gguf_finetune.model.Weights`' float arrays.  The
+adapter is applied the same way on both paths: y = x·Wᵀ + s·(x·a)·bᵀ.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ from ..model import HParams, LayerWeights
 from . import kernels as K
 from .forward import embed_forward, head_logits, linear_forward, norm_weight
 from .lora import LoraParams
+from .qmatvec import QuantMatrix, supported as qmv_supported
 
 DEFAULT_BATCH = 512  # tokens per prefill pass (longer prompts are prefilled in several passes)
+QUANT_MAX_T = 8  # passes of up to this many tokens multiply the file's quantized blocks directly
+_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 # -- attention of new queries over the cache ------------------------------------------------------
@@ -146,7 +151,7 @@ class Decoder:
     """
 
     def __init__(self, weights, hp: HParams, lora: LoraParams | None = None, n_ctx: int | None = None,
-                 n_batch: int = DEFAULT_BATCH):
+                 n_batch: int = DEFAULT_BATCH, quantized: bool | None = None):
         n_ctx = hp.n_ctx_train if n_ctx is None else int(n_ctx)
         if n_ctx < 1:
             raise UserError(f"context size must be positive, got {n_ctx}")
@@ -165,10 +170,24 @@ class Decoder:
         self._g_ffn = [norm_weight(weights.layer(i).ffn_norm, _lora(lora, f"blk.{i}.ffn_norm.weight"))
                        for i in range(hp.n_layer)] if weights.cache_layers else None
         self._g_out = norm_weight(weights.output_norm, _lora(lora, "output_norm.weight"))
+        # quantized decode: every matrix (and the head) must have a kernel; None = automatic
+        self._qmats, self._qhead = None, None
+        if quantized is not False and self.dtype == np.float32:
+            found = _quant_matrices(weights, hp)
+            if found is None and quantized:
+                raise UserError("quantized decoding needs every weight matrix in a type with a matvec kernel")
+            if found is not None:
+                self._qmats, self._qhead = found
 
     @classmethod
-    def for_model(cls, model, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH) -> "Decoder":
-        return cls(model.weights, model.hparams, model.lora, n_ctx, n_batch)
+    def for_model(cls, model, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH,
+                  quantized: bool | None = None) -> "Decoder":
+        return cls(model.weights, model.hparams, model.lora, n_ctx, n_batch, quantized)
+
+    @property
+    def quantized(self) -> bool:
+        """True when short passes multiply quantized blocks directly."""
+        return self._qmats is not None
 
     @property
     def n_ctx(self) -> int:
@@ -206,7 +225,10 @@ class Decoder:
             r0 = max(first, b0)
             if r0 < b1:
                 hn, _ = K.rmsnorm_forward(x[r0 - b0:], self._g_out, self.hp.rms_eps)
-                out[r0 - first:b1 - first], _ = head_logits(self.weights, hn, self.lora)
+                if self._qhead is not None and hn.shape[0] <= QUANT_MAX_T:
+                    out[r0 - first:b1 - first] = _linear_q(hn, self._qhead, _lora(self.lora, "output.weight"))
+                else:
+                    out[r0 - first:b1 - first], _ = head_logits(self.weights, hn, self.lora)
         return out
 
     def _layers(self, ids: np.ndarray) -> np.ndarray:
@@ -215,22 +237,35 @@ class Decoder:
         p0, T = self.cache.n_past, ids.shape[0]
         cos, sin = self.cos[p0:p0 + T], self.sin[p0:p0 + T]
         x = embed_forward(self.weights, ids[None, :], lora)  # [T, C]
+        quant = self._qmats is not None and T <= QUANT_MAX_T
         for il in range(hp.n_layer):
-            x = self._block(x, self.weights.layer(il), il, p0, cos, sin)
+            lw = self._qmats[il] if quant else self.weights.layer(il)
+            x = self._block(x, lw, il, p0, cos, sin)
         self.cache.n_past = p0 + T
         return x
 
-    def _block(self, x: np.ndarray, lw: LayerWeights, il: int, p0: int, cos: np.ndarray,
-               sin: np.ndarray) -> np.ndarray:
-        """One transformer block over x [T, C] at positions p0..p0+T-1 -> [T, C]."""
+    def _block(self, x: np.ndarray, lw, il: int, p0: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """One transformer block over x [T, C] at positions p0..p0+T-1 -> [T, C].
+
+        ``lw``: the block's float :class:`LayerWeights`, or its quantized matrices (a dict of
+        :class:`QuantMatrix` plus the two norm weights).
+        """
         hp, lora = self.hp, self.lora
         T, (Hq, Hkv, D, eps) = x.shape[0], (hp.n_head, hp.n_head_kv, hp.head_dim, hp.rms_eps)
         p = f"blk.{il}."
-        g_att = self._g_att[il] if self._g_att is not None else norm_weight(lw.attn_norm, _lora(lora, p + "attn_norm.weight"))
+        if isinstance(lw, dict):
+            def lin(h, name):
+                return _linear_q(h, lw[name], _lora(lora, p + name + ".weight"))
+            attn_norm, ffn_norm = lw["attn_norm"], lw["ffn_norm"]
+        else:
+            def lin(h, name):
+                return linear_forward(h, getattr(lw, name), _lora(lora, p + name + ".weight"))[0]
+            attn_norm, ffn_norm = lw.attn_norm, lw.ffn_norm
+        g_att = self._g_att[il] if self._g_att is not None else norm_weight(attn_norm, _lora(lora, p + "attn_norm.weight"))
         h1, _ = K.rmsnorm_forward(x, g_att, eps)  # [T, C]
-        q, _ = linear_forward(h1, lw.attn_q, _lora(lora, p + "attn_q.weight"))  # [T, Hq*D]
-        k, _ = linear_forward(h1, lw.attn_k, _lora(lora, p + "attn_k.weight"))  # [T, Hkv*D]
-        v, _ = linear_forward(h1, lw.attn_v, _lora(lora, p + "attn_v.weight"))  # [T, Hkv*D]
+        q = lin(h1, "attn_q")  # [T, Hq*D]
+        k = lin(h1, "attn_k")  # [T, Hkv*D]
+        v = lin(h1, "attn_v")  # [T, Hkv*D]
         qh = K.rope_forward(q.reshape(1, T, Hq, D), cos, sin, hp.n_rot)[0]  # [Hq, T, D]
         kh = K.rope_forward(k.reshape(1, T, Hkv, D), cos, sin, hp.n_rot)[0]  # [Hkv, T, D]
         kc, vc = self.cache.k[il], self.cache.v[il]  # [Hkv, D, T_max], [Hkv, T_max, D]
@@ -238,16 +273,45 @@ class Decoder:
         vc[:, p0:p0 + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
         att = attend_cached(qh, kc, vc, p0, self.scale)  # [Hq, T, D]
         a = np.ascontiguousarray(att.transpose(1, 0, 2)).reshape(T, Hq * D)  # [T, C]
-        o, _ = linear_forward(a, lw.attn_output, _lora(lora, p + "attn_output.weight"))  # [T, C]
+        o = lin(a, "attn_output")  # [T, C]
         x2 = x + o
-        g_ffn = self._g_ffn[il] if self._g_ffn is not None else norm_weight(lw.ffn_norm, _lora(lora, p + "ffn_norm.weight"))
+        g_ffn = self._g_ffn[il] if self._g_ffn is not None else norm_weight(ffn_norm, _lora(lora, p + "ffn_norm.weight"))
         h2, _ = K.rmsnorm_forward(x2, g_ffn, eps)  # [T, C]
-        g, _ = linear_forward(h2, lw.ffn_gate, _lora(lora, p + "ffn_gate.weight"))  # [T, F]
-        u, _ = linear_forward(h2, lw.ffn_up, _lora(lora, p + "ffn_up.weight"))  # [T, F]
+        g = lin(h2, "ffn_gate")  # [T, F]
+        u = lin(h2, "ffn_up")  # [T, F]
         hf = K.swiglu_forward(g, u)  # [T, F]
-        d, _ = linear_forward(hf, lw.ffn_down, _lora(lora, p + "ffn_down.weight"))  # [T, C]
+        d = lin(hf, "ffn_down")  # [T, C]
         x2 += d
         return x2
+
+
+def _linear_q(x: np.ndarray, W: QuantMatrix, lora) -> np.ndarray:
+    """x [T, n_in] · W [n_out, n_in]ᵀ from quantized blocks (+ s·(x·a)·bᵀ) -> [T, n_out]."""
+    y = W.matmul(x)
+    if lora is not None:
+        a, b, s = lora
+        y += ((x @ a) * s) @ b.T
+    return y
+
+
+def _quant_matrices(weights, hp: HParams):
+    """Per layer {name: QuantMatrix, attn_norm, ffn_norm} and the head, or None when a matrix's
+    type has no matvec kernel (then decoding uses the float path throughout)."""
+    f = weights.f
+    head = f.tensor("token_embd.weight" if hp.tied_embeddings else "output.weight")
+    if not qmv_supported(head.tensor_type):
+        return None
+    layers = []
+    for il in range(hp.n_layer):
+        ts = {n: f.tensor(f"blk.{il}.{n}.weight") for n in _MATS}
+        if not all(qmv_supported(t.tensor_type) for t in ts.values()):
+            return None
+        lw = weights.layer(il) if weights.cache_layers else None
+        d = {n: QuantMatrix.from_tensor(t) for n, t in ts.items()}
+        d["attn_norm"] = lw.attn_norm if lw is not None else np.array(weights.layer(il).attn_norm)
+        d["ffn_norm"] = lw.ffn_norm if lw is not None else np.array(weights.layer(il).ffn_norm)
+        layers.append(d)
+    return layers, QuantMatrix.from_tensor(head)
 
 
 # -- the generation loop ---------------------------------------------------------------------------
