@@ -40,7 +40,7 @@ from .lora import LoraParams
 from .qmatvec import QuantMatrix, supported as qmv_supported
 
 DEFAULT_BATCH = 512  # tokens per prefill pass (longer prompts are prefilled in several passes)
-QUANT_MAX_T = 8  # passes of up to this many tokens multiply the file's quantized blocks directly
+QUANT_MAX_T = 2  # passes of up to this many tokens multiply the file's quantized blocks directly (the kernels decode a block once per token, so longer passes are faster on BLAS)
 _MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
