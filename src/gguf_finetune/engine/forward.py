@@ -137,8 +137,9 @@ def embed_forward(weights, tokens: np.ndarray, lora: LoraParams | None) -> np.nd
 
 def head_rows(weights, n_rows: int, itemsize: int) -> int:
     """Rows per chunk so that one chunk of logits [rows, V] stays under the weights' limit
-    (32 MB, or 8 MB when streaming weights in low-memory mode)."""
-    max_bytes = (32 << 20) if weights.cache_layers else (8 << 20)
+    (64 MB: 256 rows of a 49152-token vocabulary in one chunk, so each head chunk is dequantized
+    once for the forward and once for the backward; 8 MB when streaming weights in low-memory mode)."""
+    max_bytes = (64 << 20) if weights.cache_layers else (8 << 20)
     return max(1, min(n_rows, max_bytes // max(1, weights.hp.n_vocab * itemsize)))
 
 
