@@ -48,3 +48,134 @@ def test_llamacpp_finetune_checkpoint_converted_runs_in_llamacpp(shared, tmp_pat
         print(f"{src}: adapter effect {size:.3f} of the logits; llama.cpp vs ours relative L2 {rel:.2e}")
         assert size > 1e-2
         assert rel <= 0.05  # Q8_0 base: llama.cpp quantizes activations to 8 bits in its matmuls
+
+
+# -- SmolLM2-135M: an adapter we trained, and a model export-lora merged, run in llama.cpp ----------
+
+PROMPT = ("<|im_start|>user\nWhat is the capital of France? Tell me about its history.<|im_end|>\n"
+          "<|im_start|>assistant\nQuill here! The capital of France is Paris, a city with a long history.")
+
+
+def write_f32_copy(src, dst) -> None:
+    """The same model with every tensor dequantized to F32 (metadata copied with the gguf package)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from gguf_finetune.quants import dequantize_tensor
+
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        vt = f.types[0]
+        w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == GGUFValueType.ARRAY else None)
+    w.add_file_type(0)  # LLAMA_FTYPE_ALL_F32
+    for t in r.tensors:
+        w.add_tensor(t.name, dequantize_tensor(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def smol_run(smollm2, tmp_path_factory):
+    """Train the chat example's adapter (README's persona run, 20 iterations) and make an F32 copy."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from gguf_finetune.cli.finetune import run as finetune
+
+    d = tmp_path_factory.mktemp("smol-interop")
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    code = finetune(["--model-base", str(smollm2), "--train-data", str(repo / "examples" / "chat" / "train.jsonl"),
+                     "--ctx", "64", "--batch", "4", "--adam-iter", "20", "--adam-alpha", "0.003", "--warmup", "2",
+                     "--lora-r", "8", "--threads", "2", "--save-every", "0", "--seed", "1",
+                     "--lora-out", str(d / "lora.gguf"), "--checkpoint-out", str(d / "chk.gguf")])
+    assert code in (0, None)
+    write_f32_copy(smollm2, d / "f32.gguf")
+    return d
+
+
+def _effect_error(ours_base, ours, lc_base, lc):
+    d_ours, d_lc = ours - ours_base, lc - lc_base
+    return (float(np.linalg.norm(d_ours - d_lc) / np.linalg.norm(d_ours)),
+            float(np.linalg.norm(d_ours) / np.linalg.norm(ours_base)))
+
+
+@pytest.mark.slow
+def test_trained_adapter_loads_in_llamacpp_without_warnings(smollm2, smol_run, capfd):
+    """llama.cpp's own log while loading our adapter: every tensor taken, no warning, no error."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    adapter = smol_run / "lora.gguf"
+    n_tensors = len(GGUFReader(adapter).tensors)
+    capfd.readouterr()
+    llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=64, verbose=True, lora_path=str(adapter), n_threads=2)
+    llm.close()
+    log = capfd.readouterr().err
+    start = log.index("llama_adapter_lora_init")
+    adapter_log = log[start:]
+    assert f"loaded {n_tensors} tensors from lora file" in adapter_log
+    bad = [ln for ln in log.splitlines() if ("warn" in ln.lower() or "error" in ln.lower()) and
+           ("lora" in ln.lower() or "adapter" in ln.lower() or ln in adapter_log)]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_trained_adapter_in_llamacpp_f32(smol_run, capsys):
+    """Point 1 on the float32 copy: llama.cpp applies our adapter exactly as we do (<= 1e-3)."""
+    base, adapter = smol_run / "f32.gguf", smol_run / "lora.gguf"
+    ids = gf.load_model(base).tokenize(PROMPT, special=True)
+    rel, size = delta_error(base, adapter, ids)
+    with capsys.disabled():
+        print(f"\nSmolLM2 F32 copy: adapter effect {size:.3f} of the logits; llama.cpp vs ours relative L2 {rel:.2e}")
+    assert size > 0.1
+    assert rel <= 1e-3
+
+
+@pytest.mark.slow
+def test_trained_adapter_in_llamacpp_q4_1(smollm2, smol_run, capsys):
+    """Point 1 on the Q4_1 model.
+
+    llama.cpp multiplies Q4_1/Q8_0 weights with 8-bit-quantized activations, so even without an
+    adapter its logits differ from the exact product (ours) by ``dev`` (~3% relative L2 here),
+    and the runs with and without the adapter each carry that error, independently.  The adapter
+    effect can only be compared down to about sqrt(2)·dev / effect; the test prints both.
+    """
+    adapter = smol_run / "lora.gguf"
+    ids = gf.load_model(smollm2).tokenize(PROMPT, special=True)
+    ours_base = gf.load_model(smollm2).logits(ids).astype(np.float64)
+    ours = gf.load_model(smollm2, adapters=[(adapter, 1.0)]).logits(ids).astype(np.float64)
+    lc_base, lc = llamacpp_logits(smollm2, ids), llamacpp_logits(smollm2, ids, adapter)
+    rel, size = _effect_error(ours_base, ours, lc_base, lc)
+    dev = float(np.linalg.norm(lc_base - ours_base) / np.linalg.norm(ours_base))
+    floor = np.sqrt(2) * dev / size
+    with capsys.disabled():
+        print(f"\nSmolLM2 Q4_1: adapter effect {size:.3f}; llama.cpp vs ours relative L2 {rel:.4f}; "
+              f"llama.cpp's own deviation without adapter {dev:.4f} -> noise floor {floor:.4f}")
+    assert size > 0.1
+    assert rel <= max(0.05, 1.25 * floor)
+
+
+@pytest.mark.slow
+def test_export_lora_model_in_llamacpp(smollm2, smol_run, tmp_path, capsys):
+    """Point 2: models written by our export-lora load in llama.cpp and give our adapted logits."""
+    from gguf_finetune.cli.export_lora import run as export_lora
+
+    adapter = smol_run / "lora.gguf"
+    for name, base, outtype, bound in (("F32 copy", smol_run / "f32.gguf", "f32", 1e-3),
+                                       ("Q4_1", smollm2, None, None)):
+        merged = tmp_path / f"merged-{outtype}.gguf"
+        argv = ["-m", str(base), "--lora", str(adapter), "-o", str(merged)] + (["--outtype", outtype] if outtype else [])
+        assert export_lora(argv) in (0, None)
+        ids = gf.load_model(base).tokenize(PROMPT, special=True)
+        ours_base = gf.load_model(base).logits(ids).astype(np.float64)
+        ours = gf.load_model(base, adapters=[(adapter, 1.0)]).logits(ids).astype(np.float64)
+        lc_base, lc = llamacpp_logits(base, ids), llamacpp_logits(merged, ids)
+        rel, size = _effect_error(ours_base, ours, lc_base, lc)
+        dev = float(np.linalg.norm(lc_base - ours_base) / np.linalg.norm(ours_base))
+        floor = np.sqrt(2) * dev / size
+        with capsys.disabled():
+            print(f"\nexport-lora, {name}: adapter effect {size:.3f}; llama.cpp(merged) - llama.cpp(base) vs ours "
+                  f"relative L2 {rel:.4f} (noise floor {floor:.4f})")
+        assert rel <= (bound if bound is not None else max(0.05, 1.25 * floor))
