@@ -405,3 +405,13 @@ def test_generate_command_usage_errors(capsys):
         run(["-p", "x", "--chat-template", "chatml"])
     with pytest.raises(UsageError, match="--temp"):
         run(["-p", "x", "--temp", "-1"])
+
+
+def test_decode_step_restores_the_thread_count(smol):
+    import numba
+
+    dec = Decoder.for_model(smol, n_ctx=16)
+    before = numba.get_num_threads()
+    dec.eval(smol.tokenize("Hello there"))
+    dec.eval([5])  # a quantized single-token step runs on the calling thread, then restores
+    assert numba.get_num_threads() == before

@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import contextlib
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -42,6 +45,20 @@ from .qmatvec import QuantMatrix, supported as qmv_supported
 DEFAULT_BATCH = 512  # tokens per prefill pass (longer prompts are prefilled in several passes)
 QUANT_MAX_T = 2  # passes of up to this many tokens multiply the file's quantized blocks directly (the kernels decode a block once per token, so longer passes are faster on BLAS)
 _MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# A decode step is ~10 small kernel calls per layer.  Waking numba's sleeping worker threads costs
+# ~45 us per parallel call here, more than splitting a small kernel saves, so short passes run
+# on the calling thread; only matrices of at least this many weights use every thread.
+PARALLEL_MIN_WEIGHTS = 4 << 20
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int):
+    prev = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 # -- attention of new queries over the cache ------------------------------------------------------
@@ -172,6 +189,7 @@ class Decoder:
         self._g_out = norm_weight(weights.output_norm, _lora(lora, "output_norm.weight"))
         # quantized decode: every matrix (and the head) must have a kernel; None = automatic
         self._qmats, self._qhead = None, None
+        self._threads = 1  # the caller's numba thread count, for big matrices in short passes
         if quantized is not False and self.dtype == np.float32:
             found = _quant_matrices(weights, hp)
             if found is None and quantized:
@@ -183,6 +201,9 @@ class Decoder:
     def for_model(cls, model, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH,
                   quantized: bool | None = None) -> "Decoder":
         return cls(model.weights, model.hparams, model.lora, n_ctx, n_batch, quantized)
+
+    def _linear_q(self, x: np.ndarray, W: QuantMatrix, lora) -> np.ndarray:
+        return _linear_q(x, W, lora, self._threads)
 
     @property
     def quantized(self) -> bool:
@@ -219,6 +240,14 @@ class Decoder:
         if not 0 <= first < T:
             raise ValueError(f"logits_from {logits_from} is outside [0, {T})")
         out = np.empty((T - first, self.hp.n_vocab), dtype=self.dtype)
+        if self._qmats is not None and T <= QUANT_MAX_T:
+            self._threads = numba.get_num_threads()
+            with _numba_threads(1):
+                return self._eval(ids, first, out)
+        return self._eval(ids, first, out)
+
+    def _eval(self, ids: np.ndarray, first: int, out: np.ndarray) -> np.ndarray:
+        T = ids.shape[0]
         for b0 in range(0, T, self.n_batch):
             b1 = min(T, b0 + self.n_batch)
             x = self._layers(ids[b0:b1])  # [b1-b0, C]
@@ -226,7 +255,7 @@ class Decoder:
             if r0 < b1:
                 hn, _ = K.rmsnorm_forward(x[r0 - b0:], self._g_out, self.hp.rms_eps)
                 if self._qhead is not None and hn.shape[0] <= QUANT_MAX_T:
-                    out[r0 - first:b1 - first] = _linear_q(hn, self._qhead, _lora(self.lora, "output.weight"))
+                    out[r0 - first:b1 - first] = self._linear_q(hn, self._qhead, _lora(self.lora, "output.weight"))
                 else:
                     out[r0 - first:b1 - first], _ = head_logits(self.weights, hn, self.lora)
         return out
@@ -255,7 +284,7 @@ class Decoder:
         p = f"blk.{il}."
         if isinstance(lw, dict):
             def lin(h, name):
-                return _linear_q(h, lw[name], _lora(lora, p + name + ".weight"))
+                return self._linear_q(h, lw[name], _lora(lora, p + name + ".weight"))
             attn_norm, ffn_norm = lw["attn_norm"], lw["ffn_norm"]
         else:
             def lin(h, name):
@@ -285,9 +314,16 @@ class Decoder:
         return x2
 
 
-def _linear_q(x: np.ndarray, W: QuantMatrix, lora) -> np.ndarray:
-    """x [T, n_in] · W [n_out, n_in]ᵀ from quantized blocks (+ s·(x·a)·bᵀ) -> [T, n_out]."""
-    y = W.matmul(x)
+def _linear_q(x: np.ndarray, W: QuantMatrix, lora, threads: int = 1) -> np.ndarray:
+    """x [T, n_in] · W [n_out, n_in]ᵀ from quantized blocks (+ s·(x·a)·bᵀ) -> [T, n_out].
+
+    Runs on the calling thread unless W has at least ``PARALLEL_MIN_WEIGHTS`` weights.
+    """
+    if threads > 1 and W.shape[0] * W.shape[1] >= PARALLEL_MIN_WEIGHTS:
+        with _numba_threads(threads):
+            y = W.matmul(x)
+    else:
+        y = W.matmul(x)
     if lora is not None:
         a, b, s = lora
         y += ((x @ a) * s) @ b.T
