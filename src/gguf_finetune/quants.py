@@ -441,23 +441,30 @@ def _k_q6_k(src, rows, out, one):  # 210 B: ql[128] | qh[64] | scales int8[16] |
             e0 = b * 256
             d = _f16_at(src, r, o + 208)
             for g in range(2):  # 128 elements from ql[64g:64g+64] (nibbles) and qh[32g:32g+32]
-                for half in range(2):  # 16-element sub-blocks k = 8g + 2j + half
-                    k = o + 192 + g * 8 + half
-                    dl0 = d * np.float32(np.int8(src[r, k]))
-                    dl1 = d * np.float32(np.int8(src[r, k + 2]))
-                    dl2 = d * np.float32(np.int8(src[r, k + 4]))
-                    dl3 = d * np.float32(np.int8(src[r, k + 6]))
-                    lo = o + g * 64 + half * 16
-                    ho = o + 128 + g * 32 + half * 16
-                    eo = e0 + g * 128 + half * 16
-                    for l in range(16 * one):
-                        a = src[r, lo + l]
-                        c = src[r, lo + 32 + l]
-                        h = src[r, ho + l]
-                        out[i, eo + l] = dl0 * (_u8f((a & 15) | ((h & 3) << 4)) - _F32)
-                        out[i, eo + 32 + l] = dl1 * (_u8f((c & 15) | ((h & 12) << 2)) - _F32)
-                        out[i, eo + 64 + l] = dl2 * (_u8f((a >> 4) | (h & 48)) - _F32)
-                        out[i, eo + 96 + l] = dl3 * (_u8f((c >> 4) | ((h >> 2) & 48)) - _F32)
+                # scales of the 16-element sub-blocks 8g + 2j + (l >= 16), j = 0..3
+                k = o + 192 + g * 8
+                s0a = d * np.float32(np.int8(src[r, k]))
+                s0b = d * np.float32(np.int8(src[r, k + 1]))
+                s1a = d * np.float32(np.int8(src[r, k + 2]))
+                s1b = d * np.float32(np.int8(src[r, k + 3]))
+                s2a = d * np.float32(np.int8(src[r, k + 4]))
+                s2b = d * np.float32(np.int8(src[r, k + 5]))
+                s3a = d * np.float32(np.int8(src[r, k + 6]))
+                s3b = d * np.float32(np.int8(src[r, k + 7]))
+                lo = o + g * 64
+                ho = o + 128 + g * 32
+                eo = e0 + g * 128
+                # one loop of 32 with the sub-block's scale picked by a select: int32 lanes,
+                # vectorizes ~1.5x better than two loops of 16 on uint8 fields
+                for l in range(32 * one):
+                    a = np.int32(src[r, lo + l])
+                    c = np.int32(src[r, lo + 32 + l])
+                    h = np.int32(src[r, ho + l])
+                    first = l < 16
+                    out[i, eo + l] = (s0a if first else s0b) * np.float32(((a & 15) | ((h & 3) << 4)) - 32)
+                    out[i, eo + 32 + l] = (s1a if first else s1b) * np.float32(((c & 15) | ((h & 12) << 2)) - 32)
+                    out[i, eo + 64 + l] = (s2a if first else s2b) * np.float32(((a >> 4) | (h & 48)) - 32)
+                    out[i, eo + 96 + l] = (s3a if first else s3b) * np.float32(((c >> 4) | ((h >> 2) & 48)) - 32)
 
 
 @njit(cache=True, parallel=True)
