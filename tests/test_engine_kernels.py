@@ -153,6 +153,39 @@ def test_rope_gradient_finite_differences():
     fd_check(lambda: np.sum(K.rope_forward(x, cos, sin, n_rot) * R_), [x], [dx])
 
 
+# -- LoRA update -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_add_matches_reference(dtype):
+    rng = np.random.default_rng(40)
+    y, us, b = rnd(rng, 7, 45, dtype=dtype), rnd(rng, 7, 3, dtype=dtype), rnd(rng, 45, 3, dtype=dtype)
+    want = y.copy()
+    R.lora_add(want, us, b)
+    K.lora_add(y, us, b)
+    close(y, want, dtype)
+    big = rnd(rng, 7, 90, dtype=dtype)  # a strided column chunk, as the head uses it
+    want = big.copy()
+    R.lora_add(want[:, 30:75], us, b)
+    K.lora_add(big[:, 30:75], us, b)
+    close(big, want, dtype)
+    with pytest.raises(ValueError):
+        K.lora_add(y, us, b[:, :2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_forward_matches_reference(dtype):
+    rng = np.random.default_rng(41)
+    x, a, b = rnd(rng, 9, 37, dtype=dtype), rnd(rng, 37, 4, dtype=dtype), rnd(rng, 21, 4, dtype=dtype)
+    y = rnd(rng, 9, 21, dtype=dtype)
+    want = y.copy()
+    u_ref = R.lora_forward(x, a, b, 0.7, want)
+    u = K.lora_forward(x, a, b, 0.7, y)
+    close(u, u_ref, dtype)
+    close(y, want, dtype)
+    with pytest.raises(ValueError):
+        K.lora_forward(x, a, b[:, :3], 0.7, y)
+
+
 # -- SwiGLU -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

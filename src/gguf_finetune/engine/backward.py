@@ -25,10 +25,9 @@ def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, lora, u, grads
     if lora is None:
         return dx
     a, b, s = lora
-    dyb = dy @ b  # [N, r]
+    dyb = K.lora_forward(dy, b, a, s, dx)  # dyb = dy·b [N, r]; dx += s·dyb·aᵀ
     grads.b[name] += s * (dy.T @ u)  # [n_out, r]
     grads.a[name] += s * (x.T @ dyb)  # [n_in, r]
-    dx += (dyb * s) @ a.T
     return dx
 
 
@@ -106,7 +105,7 @@ def head_loss_backward(weights, hn: np.ndarray, targets: np.ndarray, mask: np.nd
             dlb = dl @ b  # [n, r]
             grads.b["output.weight"] += s * (dl.T @ u)  # [V, r]
             grads.a["output.weight"] += s * (h.T @ dlb)  # [C, r]
-            dh += (dlb * s) @ a.T
+            K.lora_add(dh, dlb * s, a)
     return nll, dhn
 
 

@@ -25,8 +25,7 @@ def linear_forward(x: np.ndarray, W: np.ndarray, lora):
     if lora is None:
         return y, None
     a, b, s = lora
-    u = x @ a  # [N, r]
-    y += (u * s) @ b.T
+    u = K.lora_forward(x, a, b, s, y)  # u = x·a [N, r]; y += s·u·bᵀ
     return y, u
 
 
@@ -131,7 +130,7 @@ def embed_forward(weights, tokens: np.ndarray, lora: LoraParams | None) -> np.nd
     la = _lora(lora, "token_embd.weight")
     if la is not None:
         a, b, s = la
-        x += (b[ids] * s) @ a.T  # [N, r]·[r, C]
+        K.lora_add(x, b[ids] * s, a)  # x += s·b[tok]·aᵀ  ([N, r]·[r, C])
     return x
 
 
@@ -157,7 +156,7 @@ def head_logits(weights, hn: np.ndarray, lora: LoraParams | None) -> tuple[np.nd
         out = logits[:, r0:r1]  # [n, rows of this chunk]
         np.matmul(hn, Wc.T, out=out)
         if us is not None:
-            out += us @ b[r0:r1].T  # LoRA per chunk: no second [n, V] temporary
+            K.lora_add(out, us, b[r0:r1])  # LoRA per chunk, in place
     return logits, u
 
 

@@ -326,7 +326,7 @@ def _linear_q(x: np.ndarray, W: QuantMatrix, lora, threads: int = 1) -> np.ndarr
         y = W.matmul(x)
     if lora is not None:
         a, b, s = lora
-        y += ((x @ a) * s) @ b.T
+        K.lora_add(y, (x @ a) * s, b)
     return y
 
 

@@ -393,6 +393,68 @@ def from_heads(x, out=None):
     return out
 
 
+# == 2b. LoRA low-rank update =====================================================================
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def _lora_add(y, us, bT):  # pragma: no cover - compiled
+    # y [N, n_out] += us [N, r] · bT [r, n_out], one pass over y (rows in parallel)
+    N, n_out = y.shape
+    r = us.shape[1]
+    for n in prange(N):
+        for k in range(r):
+            c = us[n, k]
+            for j in range(n_out):
+                y[n, j] += c * bT[k, j]
+
+
+@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+def _lora_fwd(x, aT, bT, s, y, u):  # pragma: no cover - compiled
+    # x [N, n_in], aT [r, n_in], bT [r, n_out]: u = x·a [N, r]; y [N, n_out] += s·u·bᵀ.  Rows are
+    # independent, so both products run in one pass per row with no BLAS call and no temporary.
+    N, n_in = x.shape
+    r = aT.shape[0]
+    n_out = y.shape[1]
+    for n in prange(N):
+        for k in range(r):
+            acc = x.dtype.type(0)
+            for i in range(n_in):
+                acc += x[n, i] * aT[k, i]
+            u[n, k] = acc
+        for k in range(r):
+            c = s * u[n, k]
+            for j in range(n_out):
+                y[n, j] += c * bT[k, j]
+
+
+def lora_forward(x, a, b, s: float, y):
+    """The adapter's term of a linear: u = x·a ([N, r]) and y += s·u·bᵀ in place; returns u.
+
+    x [N, n_in], a [n_in, r], b [n_out, r], y [N, n_out].  Also the backward's dx term:
+    ``dyb = lora_forward(dy, b, a, s, dx)`` gives dy·b and adds s·(dy·b)·aᵀ to dx.
+    """
+    if x.ndim != 2 or a.shape[0] != x.shape[1] or b.shape[1] != a.shape[1] or y.shape != (x.shape[0], b.shape[0]):
+        raise ValueError(f"lora_forward: x {x.shape}, a {a.shape}, b {b.shape}, y {y.shape} do not fit")
+    if not (x.dtype == a.dtype == b.dtype == y.dtype):
+        raise ValueError("lora_forward: x, a, b and y must have the same dtype")
+    u = np.empty((x.shape[0], a.shape[1]), dtype=x.dtype)
+    _lora_fwd(np.ascontiguousarray(x), np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), x.dtype.type(s), y, u)
+    return u
+
+
+def lora_add(y, us, b) -> None:
+    """y [N, n_out] += us [N, r] · b [n_out, r]ᵀ in place (the adapter's term s·(x·a)·bᵀ, with us = s·x·a).
+
+    numpy's ``y += us @ b.T`` writes a temporary of y's size and reads it back; with r of a few
+    columns that memory traffic is the whole cost, ~4x more than this single pass.  ``y`` may be a
+    strided view (a column chunk of the logits).
+    """
+    if y.ndim != 2 or us.shape != (y.shape[0], b.shape[1]) or b.shape[0] != y.shape[1]:
+        raise ValueError(f"lora_add: y {y.shape}, us {us.shape}, b {b.shape} do not fit")
+    if us.dtype != y.dtype or b.dtype != y.dtype:
+        raise ValueError("lora_add: y, us and b must have the same dtype")
+    _lora_add(y, np.ascontiguousarray(us), np.ascontiguousarray(b.T))
+
+
 # == 3. SwiGLU ===================================================================================
 
 @njit(cache=True, parallel=True, fastmath=False)

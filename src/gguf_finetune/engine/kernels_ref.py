@@ -94,6 +94,16 @@ def from_heads(x, out=None):
 
 # -- 3. SwiGLU ----------------------------------------------------------------------------------
 
+def lora_forward(x, a, b, s: float, y):
+    u = x @ a
+    y += (s * u) @ b.T
+    return u
+
+
+def lora_add(y, us, b) -> None:
+    y += us @ b.T
+
+
 def swiglu_forward(g, u, out=None):
     """h = g/(1+exp(-g))·u in the dtype."""
     with np.errstate(over="ignore"):
