@@ -116,6 +116,8 @@ def _check_kill_results(results: list[dict]) -> None:
     # little (a kill in the first iteration, before the first save, is allowed to happen)
     assert len(saved) >= (len(results) + 1) // 2, results
     assert not any(r["finished_early"] for r in results), results
+    # the resumed run's first write removes the temporary file the kill left behind
+    assert not any(r["stray_tmp"] for r in results), results
     for r in saved:
         names = dict(r["checkpoints"])
         numbered = [it for name, it in r["checkpoints"] if name != "chk-LATEST.gguf"]
@@ -213,3 +215,23 @@ def test_disk_full_in_any_writer_is_one_line(tmp_path, monkeypatch):
         ggla.write_ggla(tmp_path / "old.bin", lora)
     assert (tmp_path / "old.bin").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "old.bin"]
+
+
+def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path):
+    """A kill -9 mid-write leaves `.NAME.PID.XXXXXXXX.tmp`; the next write in that folder removes
+    it once PID is gone, and leaves live writers' temporaries and other files alone."""
+    from gguf_finetune.gguf_io import atomic_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".chk-3.gguf.{dead.pid}.ab_cd123.tmp"
+    live = tmp_path / f".chk-LATEST.gguf.{os.getpid()}.zz99yy88.tmp"
+    other = [tmp_path / ".notes.tmp", tmp_path / f".x.{dead.pid}.short.tmp", tmp_path / "keep.gguf"]
+    for p in [stale, live, *other]:
+        p.write_bytes(b"x")
+    with atomic_path(tmp_path / "chk-4.gguf") as tmp:
+        assert tmp.name.startswith(f".chk-4.gguf.{os.getpid()}.")
+        tmp.write_bytes(b"new")
+    assert not stale.exists()
+    assert live.exists() and all(p.exists() for p in other)
+    assert (tmp_path / "chk-4.gguf").read_bytes() == b"new"

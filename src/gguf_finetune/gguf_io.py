@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -348,8 +349,9 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     folder = dest.parent if str(dest.parent) else Path(".")
     if dest.is_dir():
         raise UserError(f"cannot write '{dest}': it is a directory")
+    remove_stale_temporaries(folder)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise UserError(f"cannot write '{dest}': {_os_reason(e, folder)}") from None
     tmp_path = Path(tmp)
@@ -376,6 +378,42 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise UserError(f"cannot write '{dest}': {_os_reason(e, folder)}") from None
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM), or cannot tell: leave its file alone
+        return True
+    return True
+
+
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporaries in ``folder`` left by writers that died (kill -9, power loss).
+
+    :func:`atomic_path` names them ``.<name>.<pid>.<8 random>.tmp``; one whose process no longer
+    exists can never be renamed into place.  Files of live processes (another run writing in the
+    same folder) and anything not matching that exact pattern are left alone.
+    """
+    removed = []
+    try:
+        candidates = [p for p in Path(folder).glob(".*.tmp") if _TMP_NAME.match(p.name)]
+    except OSError:
+        return removed
+    for p in candidates:
+        if _pid_alive(int(_TMP_NAME.match(p.name).group("pid"))):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def _umask() -> int:
