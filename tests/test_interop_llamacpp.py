@@ -5,11 +5,16 @@ Marked `interop`; skipped with a reason when llama_cpp is not importable.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import gguf_finetune as gf
 from gguf_finetune.cli.convert import run as convert
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/llamacpp_numerics.py
 
 pytestmark = pytest.mark.interop
 
@@ -179,3 +184,60 @@ def test_export_lora_model_in_llamacpp(smollm2, smol_run, tmp_path, capsys):
             print(f"\nexport-lora, {name}: adapter effect {size:.3f}; llama.cpp(merged) - llama.cpp(base) vs ours "
                   f"relative L2 {rel:.4f} (noise floor {floor:.4f})")
         assert rel <= (bound if bound is not None else max(0.05, 1.25 * floor))
+
+
+def write_mixed_copy(src, dst, keep) -> None:
+    """Like write_f32_copy, but tensors for which keep(name) is true keep their quantized data."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from gguf_finetune.quants import dequantize_tensor
+
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        vt = f.types[0]
+        w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        if keep(t.name):
+            data = np.asarray(t.data)
+            w.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=t.tensor_type)
+        else:
+            w.add_tensor(t.name, dequantize_tensor(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+def test_where_llamacpp_differs_from_us_on_quantized_weights(smollm2, tmp_path, capsys):
+    """Where llama.cpp's logits differ from ours on quantized weights.
+
+    With llama.cpp's own activation rounding reproduced (tests/llamacpp_numerics.py calls its
+    quantize_row_q8_0/q8_1), our engine gives llama.cpp's logits to 2e-5 for a model whose only
+    quantized tensor is the Q8_0 head: that whole difference is llama.cpp rounding activations
+    to 8 bits.  On the Q4_1 model the same reproduction does not close the gap (printed, not
+    asserted): a single ggml_vec_dot_q4_1_q8_1 call matches the reproduced formula to 2e-7, but
+    llama.cpp's graph takes some other path for some Q4_1 products that we have not identified."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from llamacpp_numerics import LlamaCppMatmuls
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    head_only = tmp_path / "head-q8_0.gguf"
+    write_mixed_copy(smollm2, head_only, lambda n: n == "token_embd.weight")
+    for path, name in ((head_only, "F32 layers + Q8_0 head"), (smollm2, "Q4_1")):
+        model = gf.load_model(path)
+        ids = model.tokenize(PROMPT, special=True)
+        plain = model.logits(ids).astype(np.float64)
+        with LlamaCppMatmuls(model):
+            emulated = model.logits(ids).astype(np.float64)
+        lc = llamacpp_logits(path, ids)
+        with capsys.disabled():
+            print(f"\n{name}: ours vs llama.cpp {rel(plain, lc):.2e}; with llama.cpp's activation rounding "
+                  f"{rel(emulated, lc):.2e} (position 0: {rel(emulated[:1], lc[:1]):.2e})")
+        if path == head_only:
+            assert rel(emulated, lc) <= 1e-4
