@@ -63,24 +63,7 @@ PROMPT = ("<|im_start|>user\nWhat is the capital of France? Tell me about its hi
 
 def write_f32_copy(src, dst) -> None:
     """The same model with every tensor dequantized to F32 (metadata copied with the gguf package)."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
-
-    from gguf_finetune.quants import dequantize_tensor
-
-    r = GGUFReader(src)
-    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
-            continue
-        vt = f.types[0]
-        w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == GGUFValueType.ARRAY else None)
-    w.add_file_type(0)  # LLAMA_FTYPE_ALL_F32
-    for t in r.tensors:
-        w.add_tensor(t.name, dequantize_tensor(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_mixed_copy(src, dst, keep=lambda name: False, file_type=0)  # LLAMA_FTYPE_ALL_F32
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +169,9 @@ def test_export_lora_model_in_llamacpp(smollm2, smol_run, tmp_path, capsys):
         assert rel <= (bound if bound is not None else max(0.05, 1.25 * floor))
 
 
-def write_mixed_copy(src, dst, keep) -> None:
-    """Like write_f32_copy, but tensors for which keep(name) is true keep their quantized data."""
+def write_mixed_copy(src, dst, keep, file_type: int | None = None) -> None:
+    """A copy of the model with every tensor dequantized to F32 except those for which keep(name)
+    is true, which keep their quantized data; metadata copied with the gguf package."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     from gguf_finetune.quants import dequantize_tensor
@@ -199,6 +183,8 @@ def write_mixed_copy(src, dst, keep) -> None:
             continue
         vt = f.types[0]
         w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == GGUFValueType.ARRAY else None)
+    if file_type is not None:
+        w.add_file_type(file_type)
     for t in r.tensors:
         if keep(t.name):
             data = np.asarray(t.data)
