@@ -22,9 +22,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from gguf_finetune.engine import forward as F
+from gguf_finetune.model import LAYER_MATS
 from gguf_finetune.quants import dequantize_tensor
-
-_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _lib = None
 
 
@@ -102,7 +101,7 @@ class LlamaCppMatmuls:
         self.by_id = {}
         for il in range(hp.n_layer):
             lw = w.layer(il)
-            for n in _MATS:
+            for n in LAYER_MATS:
                 self.by_id[id(getattr(lw, n))] = _Quantized(f.tensor(f"blk.{il}.{n}.weight"))
         self.head = _Quantized(f.tensor("token_embd.weight" if hp.tied_embeddings else "output.weight"))
 

@@ -154,6 +154,11 @@ def test_quantized_decode_equals_float_decode_with_lora(tmp_path, qtype):
         rows[quantized] = np.concatenate([dec.eval(ids[:3], logits_from=0)] + [dec.eval([t]) for t in ids[3:]])
     scale = float(np.abs(rows[False]).max())
     assert np.abs(rows[True] - rows[False]).max() <= 2e-5 * scale
+    streamed = model_with_lora(path, np.float32, budget=0)  # layers dequantized per use, one scratch set
+    assert not streamed.weights.cache_layers
+    dec = Decoder(streamed.weights, streamed.hparams, streamed.lora, n_ctx=16, quantized=True)
+    got = np.concatenate([dec.eval(ids[:3], logits_from=0)] + [dec.eval([t]) for t in ids[3:]])
+    assert np.abs(got - rows[True]).max() <= 2e-5 * scale
     plain = load_model(path).logits(ids)  # and the adapter is really applied on the quantized path
     assert np.abs(plain - rows[True]).max() > 1e-2 * scale
 

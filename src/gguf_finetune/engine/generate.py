@@ -25,26 +25,26 @@ adapter is applied the same way on both paths: y = x·Wᵀ + s·(x·a)·bᵀ.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
-
-import contextlib
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from ..errors import UserError
-from ..model import HParams, LayerWeights
+from ..model import LAYER_MATS, HParams
 from . import kernels as K
 from .forward import embed_forward, head_logits, linear_forward, norm_weight
 from .lora import LoraParams
 from .qmatvec import QuantMatrix, supported as qmv_supported
 
 DEFAULT_BATCH = 512  # tokens per prefill pass (longer prompts are prefilled in several passes)
-QUANT_MAX_T = 2  # passes of up to this many tokens multiply the file's quantized blocks directly (the kernels decode a block once per token, so longer passes are faster on BLAS)
-_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# passes of up to this many tokens multiply the file's quantized blocks directly (the kernels
+# decode a block once per token, so longer passes are faster on BLAS)
+QUANT_MAX_T = 2
 # A decode step is ~10 small kernel calls per layer.  Waking numba's sleeping worker threads costs
 # ~45 us per parallel call here, more than splitting a small kernel saves, so short passes run
 # on the calling thread; only matrices of at least this many weights use every thread.
@@ -326,7 +326,7 @@ def _linear_q(x: np.ndarray, W: QuantMatrix, lora, threads: int = 1) -> np.ndarr
         y = W.matmul(x)
     if lora is not None:
         a, b, s = lora
-        K.lora_add(y, (x @ a) * s, b)
+        K.lora_forward(x, a, b, s, y)
     return y
 
 
@@ -339,13 +339,13 @@ def _quant_matrices(weights, hp: HParams):
         return None
     layers = []
     for il in range(hp.n_layer):
-        ts = {n: f.tensor(f"blk.{il}.{n}.weight") for n in _MATS}
+        ts = {n: f.tensor(f"blk.{il}.{n}.weight") for n in LAYER_MATS}
         if not all(qmv_supported(t.tensor_type) for t in ts.values()):
             return None
-        lw = weights.layer(il) if weights.cache_layers else None
+        lw = weights.layer(il)
+        keep = (lambda arr: arr) if weights.cache_layers else np.array  # streamed layers share one scratch
         d = {n: QuantMatrix.from_tensor(t) for n, t in ts.items()}
-        d["attn_norm"] = lw.attn_norm if lw is not None else np.array(weights.layer(il).attn_norm)
-        d["ffn_norm"] = lw.ffn_norm if lw is not None else np.array(weights.layer(il).ffn_norm)
+        d["attn_norm"], d["ffn_norm"] = keep(lw.attn_norm), keep(lw.ffn_norm)
         layers.append(d)
     return layers, QuantMatrix.from_tensor(head)
 
