@@ -78,8 +78,8 @@ class _Quantized:
         elif self.qtype not in (QT.Q8_0, QT.F32):
             raise NotImplementedError(f"llama.cpp rounding of {self.qtype.name} is not reproduced here")
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        if self.qtype == QT.F32:
+    def matmul(self, x: np.ndarray, quantize: bool = True) -> np.ndarray:
+        if self.qtype == QT.F32 or not quantize:
             return (x.astype(np.float64) @ self.w.T).astype(np.float32)
         xq, corr = quantize_activations(x, "q8_1" if self.qtype == QT.Q4_1 else "q8_0")
         y = xq @ self.w.T
@@ -94,7 +94,11 @@ class LlamaCppMatmuls:
     The adapter's products stay float32, as llama.cpp keeps F32 adapters in F32.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, jitter: float = 0.0, quantize: bool = True, seed: int = 0):
+        """``jitter``: multiply every matmul input by (1 + jitter·N(0, 1)) first — a stand-in for
+        the float-rounding differences (summation order) between two implementations.
+        ``quantize=False`` keeps the exact products (our engine's arithmetic, in float64)."""
+        self.jitter, self.quantize, self.rng = float(jitter), quantize, np.random.default_rng(seed)
         w, hp, f = model.weights, model.hparams, model.weights.f
         if not w.cache_layers:
             raise ValueError("LlamaCppMatmuls needs the float32 layer cache")
@@ -105,8 +109,13 @@ class LlamaCppMatmuls:
                 self.by_id[id(getattr(lw, n))] = _Quantized(f.tensor(f"blk.{il}.{n}.weight"))
         self.head = _Quantized(f.tensor("token_embd.weight" if hp.tied_embeddings else "output.weight"))
 
+    def _jittered(self, x):
+        if not self.jitter:
+            return x
+        return (x * (1 + self.jitter * self.rng.standard_normal(x.shape))).astype(x.dtype)
+
     def _linear(self, x, W, lora):
-        y = self.by_id[id(W)].matmul(x)
+        y = self.by_id[id(W)].matmul(self._jittered(x), self.quantize)
         if lora is None:
             return y, None
         a, b, s = lora
@@ -115,7 +124,7 @@ class LlamaCppMatmuls:
         return y, u
 
     def _head(self, weights, hn, lora):
-        logits = self.head.matmul(hn)
+        logits = self.head.matmul(self._jittered(hn), self.quantize)
         la = F._lora(lora, "output.weight")
         u = None
         if la is not None:
