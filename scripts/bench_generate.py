@@ -2,9 +2,8 @@
 """Generation speed: tokens per second of incremental decoding (KV cache), as ``generate`` runs it.
 
 Loads the model (default: the embedded SmolLM2-135M-Instruct Q4_1), prefills a short prompt (BLAS on
-the float32 weight cache), then times ``--tokens`` decode steps (matvecs on the file's quantized
-blocks, see engine/qmatvec.py) (one token each, llama.cpp's default sampler
-chain included) after a few warm-up steps that also load the numba cache.  Prints the best and the
+the float32 weight cache), then times ``--tokens`` decode steps of one token each (matvecs on the
+file's quantized blocks, see engine/qmatvec.py; llama.cpp's default sampler chain included) after a few warm-up steps that also load the numba cache.  Prints the best and the
 median of ``--repeat`` runs, with the load average of the machine (a shared machine's load
 changes the numbers a lot).
 
