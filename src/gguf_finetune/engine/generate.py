@@ -66,7 +66,7 @@ def _numba_threads(n: int):
 @njit(cache=True, parallel=True, fastmath=False)
 def _attend_cached(q, kT, v, p0, scale, out):  # pragma: no cover - compiled
     # q [Hq, T, D] (query i at position p0 + i), kT [Hkv, D, T_max], v [Hkv, T_max, D]
-    # -> out [Hq, T, D]; query i sees keys 0..p0+i.  Same steps as kernels._flash_fwd_rows:
+    # -> out [Hq, T, D]; query i sees keys 0..p0+i, through kernels._attend_row (the flash forward's row):
     # scores accumulated over d in order, scaled, max, exp and Σ (float64), Σ_j p_j v_j four keys
     # per pass, divided by Σ.  prange over (head, row): each item writes only its own row.
     Hq, T, D = q.shape
@@ -78,25 +78,8 @@ def _attend_cached(q, kT, v, p0, scale, out):  # pragma: no cover - compiled
         kh = kT[h // G]
         vh = v[h // G]
         s = np.empty(n, dtype=q.dtype)
-        K._scores(q[h], i, kh, n, s)
-        for j in range(n):
-            s[j] = scale * s[j]
-        m = K._max_n(s, n)
-        tot = K._exp_sub_sum(s, n, m)
-        acc = np.zeros(D, dtype=q.dtype)
-        j = 0
-        while j + 4 <= n:
-            p0_, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
-            v0, v1, v2, v3 = vh[j], vh[j + 1], vh[j + 2], vh[j + 3]
-            for d in range(D):
-                acc[d] = (((acc[d] + p0_ * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
-            j += 4
-        while j < n:
-            pj = s[j]
-            vj = vh[j]
-            for d in range(D):
-                acc[d] += pj * vj[d]
-            j += 1
+        acc = np.empty(D, dtype=q.dtype)
+        _, tot = K._attend_row(q[h], i, kh, vh, n, scale, s, acc)
         for d in range(D):
             out[h, i, d] = acc[d] / tot
 

@@ -609,6 +609,35 @@ def _scores(q, i, kT, n, s):  # pragma: no cover - compiled
         d += 1
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _attend_row(q, i, kT, v, n, scale, s, acc):  # pragma: no cover - compiled
+    # query row i of q [T, D] over keys 0..n-1 (kT [D, >=n], v [>=n, D]), buffers s [>=n], acc [D]:
+    # s := exp(scale·q_i·k_j − m), acc := Σ_j s_j v_j (not yet divided); returns (m, Σ_j s_j).
+    # Shared by the flash forward and the decoder's cached attention (same arithmetic, bit for bit).
+    D = acc.shape[0]
+    _scores(q, i, kT, n, s)
+    for j in range(n):
+        s[j] = scale * s[j]
+    m = _max_n(s, n)
+    tot = _exp_sub_sum(s, n, m)
+    for d in range(D):
+        acc[d] = 0
+    j = 0
+    while j + 4 <= n:  # acc += p_j v_j, four keys per pass (same order of additions)
+        p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
+        v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
+        for d in range(D):
+            acc[d] = (((acc[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
+        j += 4
+    while j < n:
+        p0 = s[j]
+        v0 = v[j]
+        for d in range(D):
+            acc[d] += p0 * v0[d]
+        j += 1
+    return m, tot
+
+
 @njit(cache=True, fastmath=False)
 def _flash_fwd_rows(q, k, v, scale, i0, i1, out, lse):  # pragma: no cover - compiled
     # one head, query rows i0..i1-1: q, out [T, D], k, v [T, D], lse [T]
@@ -623,27 +652,7 @@ def _flash_fwd_rows(q, k, v, scale, i0, i1, out, lse):  # pragma: no cover - com
     s = np.empty(i1, dtype=q.dtype)
     acc = np.empty(D, dtype=q.dtype)
     for i in range(i0, i1):
-        n = i + 1
-        _scores(q, i, kT, n, s)
-        for j in range(n):
-            s[j] = scale * s[j]
-        m = _max_n(s, n)
-        tot = _exp_sub_sum(s, n, m)
-        for d in range(D):
-            acc[d] = 0
-        j = 0
-        while j + 4 <= n:  # acc += p_j v_j, four keys per pass (same order of additions)
-            p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
-            v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
-            for d in range(D):
-                acc[d] = (((acc[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
-            j += 4
-        while j < n:
-            p0 = s[j]
-            v0 = v[j]
-            for d in range(D):
-                acc[d] += p0 * v0[d]
-            j += 1
+        m, tot = _attend_row(q, i, kT, v, i + 1, scale, s, acc)
         for d in range(D):
             out[i, d] = acc[d] / tot
         lse[i] = m + np.log(tot)
