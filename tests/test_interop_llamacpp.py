@@ -112,12 +112,13 @@ def _effect_error(ours_base, ours, lc_base, lc):
 
 
 @pytest.mark.slow
-def test_trained_adapter_loads_in_llamacpp_without_warnings(smollm2, smol_run, capfd):
-    """llama.cpp's own log while loading our adapter: every tensor taken, no warning, no error."""
+@pytest.mark.parametrize("which", ["readme", "strong"])
+def test_trained_adapter_loads_in_llamacpp_without_warnings(smollm2, smol_run, strong_run, which, capfd):
+    """llama.cpp's own log while loading our adapters: every tensor taken, no warning, no error."""
     import llama_cpp
     from gguf import GGUFReader
 
-    adapter = smol_run / "lora.gguf"
+    adapter = smol_run / "lora.gguf" if which == "readme" else strong_run / "lora-30.gguf"
     n_tensors = len(GGUFReader(adapter).tensors)
     capfd.readouterr()
     llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=64, verbose=True, lora_path=str(adapter), n_threads=2)
