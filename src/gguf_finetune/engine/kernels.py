@@ -609,6 +609,97 @@ def _scores(q, i, kT, n, s):  # pragma: no cover - compiled
         d += 1
 
 
+@njit(cache=True, fastmath=False)
+def _scores4(q, i, kT, n, S):  # pragma: no cover - compiled
+    # S[r, :n] = q[i + r]·kT[:, :n] for r = 0..3: the four rows share each load of kT, and each
+    # row's sums are the same additions in the same order as _scores (bit for bit).
+    D = q.shape[1]
+    s0, s1, s2, s3 = S[0], S[1], S[2], S[3]
+    for j in range(n):
+        s0[j] = 0
+        s1[j] = 0
+        s2[j] = 0
+        s3[j] = 0
+    d = 0
+    while d + 4 <= D:
+        a0, a1, a2, a3 = q[i, d], q[i, d + 1], q[i, d + 2], q[i, d + 3]
+        b0, b1, b2, b3 = q[i + 1, d], q[i + 1, d + 1], q[i + 1, d + 2], q[i + 1, d + 3]
+        c0, c1, c2, c3 = q[i + 2, d], q[i + 2, d + 1], q[i + 2, d + 2], q[i + 2, d + 3]
+        e0, e1, e2, e3 = q[i + 3, d], q[i + 3, d + 1], q[i + 3, d + 2], q[i + 3, d + 3]
+        k0, k1, k2, k3 = kT[d], kT[d + 1], kT[d + 2], kT[d + 3]
+        for j in range(n):
+            x0, x1, x2, x3 = k0[j], k1[j], k2[j], k3[j]
+            s0[j] = (((s0[j] + a0 * x0) + a1 * x1) + a2 * x2) + a3 * x3
+            s1[j] = (((s1[j] + b0 * x0) + b1 * x1) + b2 * x2) + b3 * x3
+            s2[j] = (((s2[j] + c0 * x0) + c1 * x1) + c2 * x2) + c3 * x3
+            s3[j] = (((s3[j] + e0 * x0) + e1 * x1) + e2 * x2) + e3 * x3
+        d += 4
+    while d < D:
+        a0, b0, c0, e0 = q[i, d], q[i + 1, d], q[i + 2, d], q[i + 3, d]
+        k0 = kT[d]
+        for j in range(n):
+            x0 = k0[j]
+            s0[j] += a0 * x0
+            s1[j] += b0 * x0
+            s2[j] += c0 * x0
+            s3[j] += e0 * x0
+        d += 1
+
+
+@njit(cache=True, fastmath=False)
+def _attend_rows4(q, i, kT, v, scale, S, ACC, M, TOT):  # pragma: no cover - compiled
+    # _attend_row for the four causal rows i..i+3 (row r sees keys 0..i+r; kT needs i+4 columns),
+    # bit for bit: S [4, >=i+4], ACC [4, D] (not yet divided), M, TOT [4] float64.  The rows share
+    # the loads of kT (scores) and of v (the weighted sum over the key groups all four rows have).
+    D = ACC.shape[1]
+    _scores4(q, i, kT, i + 4, S)
+    for r in range(4):
+        n = i + r + 1
+        sr = S[r]
+        for j in range(n):
+            sr[j] = scale * sr[j]
+        m = _max_n(sr, n)
+        M[r] = m
+        TOT[r] = _exp_sub_sum(sr, n, m)
+    A0, A1, A2, A3 = ACC[0], ACC[1], ACC[2], ACC[3]
+    for d in range(D):
+        A0[d] = 0
+        A1[d] = 0
+        A2[d] = 0
+        A3[d] = 0
+    j = 0
+    while j + 4 <= i + 1:  # key groups every row has: acc_r += p_r,j v_j, four keys per pass
+        v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
+        p00, p01, p02, p03 = S[0, j], S[0, j + 1], S[0, j + 2], S[0, j + 3]
+        p10, p11, p12, p13 = S[1, j], S[1, j + 1], S[1, j + 2], S[1, j + 3]
+        p20, p21, p22, p23 = S[2, j], S[2, j + 1], S[2, j + 2], S[2, j + 3]
+        p30, p31, p32, p33 = S[3, j], S[3, j + 1], S[3, j + 2], S[3, j + 3]
+        for d in range(D):
+            x0, x1, x2, x3 = v0[d], v1[d], v2[d], v3[d]
+            A0[d] = (((A0[d] + p00 * x0) + p01 * x1) + p02 * x2) + p03 * x3
+            A1[d] = (((A1[d] + p10 * x0) + p11 * x1) + p12 * x2) + p13 * x3
+            A2[d] = (((A2[d] + p20 * x0) + p21 * x1) + p22 * x2) + p23 * x3
+            A3[d] = (((A3[d] + p30 * x0) + p31 * x1) + p32 * x2) + p33 * x3
+        j += 4
+    for r in range(4):  # each row's remaining keys, grouped as _attend_row groups them
+        n = i + r + 1
+        sr = S[r]
+        ar = ACC[r]
+        jr = j
+        while jr + 4 <= n:
+            p0, p1, p2, p3 = sr[jr], sr[jr + 1], sr[jr + 2], sr[jr + 3]
+            v0, v1, v2, v3 = v[jr], v[jr + 1], v[jr + 2], v[jr + 3]
+            for d in range(D):
+                ar[d] = (((ar[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
+            jr += 4
+        while jr < n:
+            p0 = sr[jr]
+            v0 = v[jr]
+            for d in range(D):
+                ar[d] += p0 * v0[d]
+            jr += 1
+
+
 @njit(cache=True, fastmath=False, inline="always")
 def _attend_row(q, i, kT, v, n, scale, s, acc):  # pragma: no cover - compiled
     # query row i of q [T, D] over keys 0..n-1 (kT [D, >=n], v [>=n, D]), buffers s [>=n], acc [D]:
@@ -639,38 +730,45 @@ def _attend_row(q, i, kT, v, n, scale, s, acc):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
-def _flash_fwd_rows(q, k, v, scale, i0, i1, out, lse):  # pragma: no cover - compiled
-    # one head, query rows i0..i1-1: q, out [T, D], k, v [T, D], lse [T]
-    # A row's scores (<= T of them, in a [T] buffer) come from a transposed key block kT [D, i1]
-    # (vectorizes over keys), are scaled (scale has q's dtype), then max / exp / Σ (float64) and
-    # out = Σ_j p_j v_j / Σ_j p_j.  The whole row fits the buffer, so no online rescaling.
+def _flash_fwd_rows(q, kT, v, scale, i0, i1, out, lse):  # pragma: no cover - compiled
+    # one head, query rows i0..i1-1: q, out [T, D], kT [D, T] (keys transposed), v [T, D], lse [T]
+    # A row's scores (<= T of them, in a [T] buffer) come from kT (vectorizes over keys), are
+    # scaled (scale has q's dtype), then max / exp / Σ (float64) and out = Σ_j p_j v_j / Σ_j p_j.
+    # The whole row fits the buffer, so no online rescaling.
     D = q.shape[1]
-    kT = np.empty((D, i1), dtype=q.dtype)
-    for j in range(i1):
+    S = np.empty((4, i1), dtype=q.dtype)
+    ACC = np.empty((4, D), dtype=q.dtype)
+    M = np.empty(4, dtype=np.float64)
+    TOT = np.empty(4, dtype=np.float64)
+    i = i0
+    while i + 4 <= i1:  # four rows at a time (same arithmetic per row as _attend_row)
+        _attend_rows4(q, i, kT, v, scale, S, ACC, M, TOT)
+        for r in range(4):
+            for d in range(D):
+                out[i + r, d] = ACC[r, d] / TOT[r]
+            lse[i + r] = M[r] + np.log(TOT[r])
+        i += 4
+    while i < i1:
+        m, tot = _attend_row(q, i, kT, v, i + 1, scale, S[0], ACC[0])
         for d in range(D):
-            kT[d, j] = k[j, d]
-    s = np.empty(i1, dtype=q.dtype)
-    acc = np.empty(D, dtype=q.dtype)
-    for i in range(i0, i1):
-        m, tot = _attend_row(q, i, kT, v, i + 1, scale, s, acc)
-        for d in range(D):
-            out[i, d] = acc[d] / tot
+            out[i, d] = ACC[0, d] / tot
         lse[i] = m + np.log(tot)
+        i += 1
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _flash_fwd(q, k, v, scale, bq, out, lse):  # pragma: no cover - compiled
-    # q [B, Hq, T, D], k, v [B, Hkv, T, D] -> out [B, Hq, T, D], lse [B, Hq, T]
+def _flash_fwd(q, kT, v, scale, bq, out, lse):  # pragma: no cover - compiled
+    # q [B, Hq, T, D], kT [B, Hkv, D, T], v [B, Hkv, T, D] -> out [B, Hq, T, D], lse [B, Hq, T]
     # prange over (b, h, block of bq query rows); each item writes only its own rows
     B, Hq, T, D = q.shape
-    G = Hq // k.shape[1]
+    G = Hq // kT.shape[1]
     nqb = (T + bq - 1) // bq
     for item in prange(B * Hq * nqb):
         qb = item % nqb
         h = (item // nqb) % Hq
         b = item // (nqb * Hq)
         i0 = qb * bq
-        _flash_fwd_rows(q[b, h], k[b, h // G], v[b, h // G], scale, i0, min(T, i0 + bq), out[b, h], lse[b, h])
+        _flash_fwd_rows(q[b, h], kT[b, h // G], v[b, h // G], scale, i0, min(T, i0 + bq), out[b, h], lse[b, h])
 
 
 @njit(cache=True, fastmath=False)
@@ -694,6 +792,9 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
     dqa = np.empty((4, D), dtype=q.dtype)
     for i0 in range(0, T, 4):
         i1 = min(T, i0 + 4)
+        if i1 - i0 == 4:  # the four rows' scores and dout·v sums share each load of kT / vT
+            _scores4(q, i0, kT, i1, P)
+            _scores4(dout, i0, vT, i1, DS)
         for r in range(i1 - i0):
             i = i0 + r
             n = i + 1
@@ -702,8 +803,9 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
                 di += np.float64(dout[i, d]) * out[i, d]
             pr = P[r]
             dsr = DS[r]
-            _scores(q, i, kT, n, pr)
-            _scores(dout, i, vT, n, dsr)
+            if i1 - i0 < 4:
+                _scores(q, i, kT, n, pr)
+                _scores(dout, i, vT, n, dsr)
             li = lse[i]
             for j in range(n):
                 pj = _exp(scale * pr[j] - li)
@@ -777,7 +879,8 @@ def flash_attention_forward(q, k, v, scale: float, block_q: int = FLASH_BLOCK_Q)
     q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
     out = np.empty_like(q)
     lse = np.empty((B, Hq, T), dtype=q.dtype)
-    _flash_fwd(q, k, v, q.dtype.type(scale), max(1, int(block_q)), out, lse)
+    kT = np.ascontiguousarray(np.swapaxes(k, 2, 3))  # [B, Hkv, D, T], shared by all query blocks
+    _flash_fwd(q, kT, v, q.dtype.type(scale), max(1, int(block_q)), out, lse)
     return out, lse
 
 
