@@ -132,6 +132,8 @@ def main() -> None:
     row = (f"| {Path(path).name} | {mode} | {T} | {B} | {args.threads} | {tok_s:.1f} | {rss:.0f} | "
            f"{flops / dt / 1e9:.1f} | {peak / 1e9:.0f} | {100 * flops / dt / peak:.0f}% |")
     print(f"model {Path(path).name}: load {t_load:.2f}s, first step {t_warm:.2f}s, loss {loss:.4f}")
+    print(f"steps {', '.join(f'{t * 1000:.0f}' for t in times)} ms: best {B * T / min(times):.1f} tokens/s, "
+          f"worst {B * T / max(times):.1f}")
     print(f"step {dt * 1000:.0f} ms (median of {len(times)}), {tok_s:.1f} tokens/s, peak RSS {rss:.0f} MB, "
           f"matmul {flops / dt / 1e9:.1f} GFLOP/s of sgemm peak {peak / 1e9:.0f} GFLOP/s "
           f"(MFU {100 * flops / dt / peak:.0f}%), f32 weight cache {model.weights.cached_bytes / 2**20:.0f} MB")

@@ -820,21 +820,29 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
         if i1 - i0 == 4:
             q0, q1, q2, q3 = q[i0], q[i0 + 1], q[i0 + 2], q[i0 + 3]
             o0, o1, o2, o3 = dout[i0], dout[i0 + 1], dout[i0 + 2], dout[i0 + 3]
-            a0, a1, a2, a3 = dqa[0], dqa[1], dqa[2], dqa[3]
-            for j in range(i1):
-                p0, p1, p2, p3 = P[0, j], P[1, j], P[2, j], P[3, j]
+            for j in range(i1):  # dk_j: the four rows' terms, in row order
                 s0, s1, s2, s3 = DS[0, j], DS[1, j], DS[2, j], DS[3, j]
-                kj = k[j]
                 dkj = dk[j]
+                for d in range(D):
+                    dkj[d] = (((dkj[d] + s0 * q0[d]) + s1 * q1[d]) + s2 * q2[d]) + s3 * q3[d]
+            for j in range(i1):  # dv_j likewise (a loop of its own: fewer live streams, ~1.3x)
+                p0, p1, p2, p3 = P[0, j], P[1, j], P[2, j], P[3, j]
                 dvj = dv[j]
                 for d in range(D):
-                    kd = kj[d]
-                    a0[d] += s0 * kd
-                    a1[d] += s1 * kd
-                    a2[d] += s2 * kd
-                    a3[d] += s3 * kd
-                    dkj[d] = (((dkj[d] + s0 * q0[d]) + s1 * q1[d]) + s2 * q2[d]) + s3 * q3[d]
                     dvj[d] = (((dvj[d] + p0 * o0[d]) + p1 * o1[d]) + p2 * o2[d]) + p3 * o3[d]
+            a0, a1, a2, a3 = dqa[0], dqa[1], dqa[2], dqa[3]
+            for j in range(0, i1, 4):  # dq rows: Σ_j ds_j k_j in key order, four keys per pass (i1 % 4 == 0)
+                k0, k1, k2, k3 = k[j], k[j + 1], k[j + 2], k[j + 3]
+                s00, s01, s02, s03 = DS[0, j], DS[0, j + 1], DS[0, j + 2], DS[0, j + 3]
+                s10, s11, s12, s13 = DS[1, j], DS[1, j + 1], DS[1, j + 2], DS[1, j + 3]
+                s20, s21, s22, s23 = DS[2, j], DS[2, j + 1], DS[2, j + 2], DS[2, j + 3]
+                s30, s31, s32, s33 = DS[3, j], DS[3, j + 1], DS[3, j + 2], DS[3, j + 3]
+                for d in range(D):
+                    x0, x1, x2, x3 = k0[d], k1[d], k2[d], k3[d]
+                    a0[d] = (((a0[d] + s00 * x0) + s01 * x1) + s02 * x2) + s03 * x3
+                    a1[d] = (((a1[d] + s10 * x0) + s11 * x1) + s12 * x2) + s13 * x3
+                    a2[d] = (((a2[d] + s20 * x0) + s21 * x1) + s22 * x2) + s23 * x3
+                    a3[d] = (((a3[d] + s30 * x0) + s31 * x1) + s32 * x2) + s33 * x3
         else:
             for r in range(i1 - i0):
                 i = i0 + r
