@@ -80,12 +80,13 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
 
-    from gguf_finetune.cli.common import set_threads
+    from gguf_finetune.cli.common import keep_freed_memory, set_threads
     from gguf_finetune.engine.backward import loss_and_grad
     from gguf_finetune.engine.lora import LoraRanks, init_lora
     from gguf_finetune.model import load_model
 
     set_threads(args.threads)
+    keep_freed_memory()  # as finetune does
     path = args.model or default_model()
     t0 = time.perf_counter()
     model = load_model(path, memory_budget=0 if args.low_memory else None, with_tokenizer=True, cache_head=False)
@@ -118,10 +119,12 @@ def main() -> None:
     t_warm = time.perf_counter() - t0
     step(2)  # second warm-up: first-touch page faults of buffers the first step freed
     times = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for it in range(3, args.steps + 3):
         t0 = time.perf_counter()
         loss = step(it)
         times.append(time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(times)
     dt = float(np.median(times))
     tok_s = B * T / dt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
@@ -133,7 +136,7 @@ def main() -> None:
            f"{flops / dt / 1e9:.1f} | {peak / 1e9:.0f} | {100 * flops / dt / peak:.0f}% |")
     print(f"model {Path(path).name}: load {t_load:.2f}s, first step {t_warm:.2f}s, loss {loss:.4f}")
     print(f"steps {', '.join(f'{t * 1000:.0f}' for t in times)} ms: best {B * T / min(times):.1f} tokens/s, "
-          f"worst {B * T / max(times):.1f}")
+          f"worst {B * T / max(times):.1f}; {faults:.0f} minor page faults per step")
     print(f"step {dt * 1000:.0f} ms (median of {len(times)}), {tok_s:.1f} tokens/s, peak RSS {rss:.0f} MB, "
           f"matmul {flops / dt / 1e9:.1f} GFLOP/s of sgemm peak {peak / 1e9:.0f} GFLOP/s "
           f"(MFU {100 * flops / dt / peak:.0f}%), f32 weight cache {model.weights.cached_bytes / 2**20:.0f} MB")

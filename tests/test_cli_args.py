@@ -454,3 +454,34 @@ def test_set_threads():
             "print(n, os.environ['OPENBLAS_NUM_THREADS'], os.environ['OMP_NUM_THREADS'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["1", "1", "1"], r.stderr
+
+
+_FAULTS_CODE = """
+import resource, sys
+import numpy as np
+from gguf_finetune.cli.common import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+
+def step():  # what a step without checkpointing does: allocate activations, free them at the end
+    blocks = [np.ones((256, 1536), np.float32) for _ in range(40)]  # 40 x 1.5 MB
+    del blocks
+
+step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory only changes glibc's malloc")
+def test_keep_freed_memory_reuses_pages_between_steps():
+    """Freed activations stay mapped for the next step: ~15,000 page faults (60 MB) become ~0."""
+    runs = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", _FAULTS_CODE, mode], capture_output=True, text=True, timeout=60)
+        kept, faults = r.stdout.split()
+        runs[mode] = (kept, int(faults))
+    assert runs["keep"][0] == "True"
+    assert runs["default"][1] > 10_000  # glibc's defaults: the second step maps the 60 MB afresh
+    assert runs["keep"][1] < 1_000, runs

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .args import FinetuneArgs, parse_finetune_args
-from .common import run_main, set_threads
+from .common import keep_freed_memory, run_main, set_threads
 
 
 def _say(line: str) -> None:
@@ -300,6 +300,7 @@ def previous_best(a: FinetuneArgs, hp, evaluator, prog: str) -> float | None:
 def run(argv: list[str], prog: str = "finetune") -> int | None:
     a = parse_finetune_args(argv, prog)
     set_threads(a.run.n_threads)
+    keep_freed_memory()
     if "--n-gpu-layers" in a.given:
         print(f"{prog}: note: -ngl/--n-gpu-layers has no effect: this engine runs on the CPU", file=sys.stderr)
     from ..data.text import ShuffleState
