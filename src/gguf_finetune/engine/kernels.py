@@ -646,12 +646,51 @@ def _scores4(q, i, kT, n, S):  # pragma: no cover - compiled
         d += 1
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _acc_row(w, X, j, n, acc):  # pragma: no cover - compiled
+    # acc [D] += Σ_{j <= k < n} w[k]·X[k] (X [>=n, D]), keys in order: four per pass while four
+    # remain, then one at a time (j a multiple of 4, so the grouping is that of a start at 0).
+    D = acc.shape[0]
+    while j + 4 <= n:
+        w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
+        x0, x1, x2, x3 = X[j], X[j + 1], X[j + 2], X[j + 3]
+        for d in range(D):
+            acc[d] = (((acc[d] + w0 * x0[d]) + w1 * x1[d]) + w2 * x2[d]) + w3 * x3[d]
+        j += 4
+    while j < n:
+        w0 = w[j]
+        x0 = X[j]
+        for d in range(D):
+            acc[d] += w0 * x0[d]
+        j += 1
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _acc_rows4(W, X, n4, ACC):  # pragma: no cover - compiled
+    # ACC[r] += Σ_{j < n4} W[r, j]·X[j] for rows r = 0..3 (W [4, >=n4], X [>=n4, D], ACC [4, D],
+    # n4 a multiple of 4): keys in order, four per pass, so each row gets the same additions in the
+    # same order as one row at a time; the rows share each load of X.
+    D = ACC.shape[1]
+    A0, A1, A2, A3 = ACC[0], ACC[1], ACC[2], ACC[3]
+    for j in range(0, n4, 4):
+        x0r, x1r, x2r, x3r = X[j], X[j + 1], X[j + 2], X[j + 3]
+        w00, w01, w02, w03 = W[0, j], W[0, j + 1], W[0, j + 2], W[0, j + 3]
+        w10, w11, w12, w13 = W[1, j], W[1, j + 1], W[1, j + 2], W[1, j + 3]
+        w20, w21, w22, w23 = W[2, j], W[2, j + 1], W[2, j + 2], W[2, j + 3]
+        w30, w31, w32, w33 = W[3, j], W[3, j + 1], W[3, j + 2], W[3, j + 3]
+        for d in range(D):
+            x0, x1, x2, x3 = x0r[d], x1r[d], x2r[d], x3r[d]
+            A0[d] = (((A0[d] + w00 * x0) + w01 * x1) + w02 * x2) + w03 * x3
+            A1[d] = (((A1[d] + w10 * x0) + w11 * x1) + w12 * x2) + w13 * x3
+            A2[d] = (((A2[d] + w20 * x0) + w21 * x1) + w22 * x2) + w23 * x3
+            A3[d] = (((A3[d] + w30 * x0) + w31 * x1) + w32 * x2) + w33 * x3
+
+
 @njit(cache=True, fastmath=False)
 def _attend_rows4(q, i, kT, v, scale, S, ACC, M, TOT):  # pragma: no cover - compiled
     # _attend_row for the four causal rows i..i+3 (row r sees keys 0..i+r; kT needs i+4 columns),
     # bit for bit: S [4, >=i+4], ACC [4, D] (not yet divided), M, TOT [4] float64.  The rows share
     # the loads of kT (scores) and of v (the weighted sum over the key groups all four rows have).
-    D = ACC.shape[1]
     _scores4(q, i, kT, i + 4, S)
     for r in range(4):
         n = i + r + 1
@@ -661,43 +700,11 @@ def _attend_rows4(q, i, kT, v, scale, S, ACC, M, TOT):  # pragma: no cover - com
         m = _max_n(sr, n)
         M[r] = m
         TOT[r] = _exp_sub_sum(sr, n, m)
-    A0, A1, A2, A3 = ACC[0], ACC[1], ACC[2], ACC[3]
-    for d in range(D):
-        A0[d] = 0
-        A1[d] = 0
-        A2[d] = 0
-        A3[d] = 0
-    j = 0
-    while j + 4 <= i + 1:  # key groups every row has: acc_r += p_r,j v_j, four keys per pass
-        v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
-        p00, p01, p02, p03 = S[0, j], S[0, j + 1], S[0, j + 2], S[0, j + 3]
-        p10, p11, p12, p13 = S[1, j], S[1, j + 1], S[1, j + 2], S[1, j + 3]
-        p20, p21, p22, p23 = S[2, j], S[2, j + 1], S[2, j + 2], S[2, j + 3]
-        p30, p31, p32, p33 = S[3, j], S[3, j + 1], S[3, j + 2], S[3, j + 3]
-        for d in range(D):
-            x0, x1, x2, x3 = v0[d], v1[d], v2[d], v3[d]
-            A0[d] = (((A0[d] + p00 * x0) + p01 * x1) + p02 * x2) + p03 * x3
-            A1[d] = (((A1[d] + p10 * x0) + p11 * x1) + p12 * x2) + p13 * x3
-            A2[d] = (((A2[d] + p20 * x0) + p21 * x1) + p22 * x2) + p23 * x3
-            A3[d] = (((A3[d] + p30 * x0) + p31 * x1) + p32 * x2) + p33 * x3
-        j += 4
-    for r in range(4):  # each row's remaining keys, grouped as _attend_row groups them
-        n = i + r + 1
-        sr = S[r]
-        ar = ACC[r]
-        jr = j
-        while jr + 4 <= n:
-            p0, p1, p2, p3 = sr[jr], sr[jr + 1], sr[jr + 2], sr[jr + 3]
-            v0, v1, v2, v3 = v[jr], v[jr + 1], v[jr + 2], v[jr + 3]
-            for d in range(D):
-                ar[d] = (((ar[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
-            jr += 4
-        while jr < n:
-            p0 = sr[jr]
-            v0 = v[jr]
-            for d in range(D):
-                ar[d] += p0 * v0[d]
-            jr += 1
+    ACC[:, :] = 0
+    j = (i + 1) // 4 * 4  # key groups every row has (row 0 sees i + 1 keys)
+    _acc_rows4(S, v, j, ACC)
+    for r in range(4):  # each row's remaining keys
+        _acc_row(S[r], v, j, i + r + 1, ACC[r])
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -713,19 +720,7 @@ def _attend_row(q, i, kT, v, n, scale, s, acc):  # pragma: no cover - compiled
     tot = _exp_sub_sum(s, n, m)
     for d in range(D):
         acc[d] = 0
-    j = 0
-    while j + 4 <= n:  # acc += p_j v_j, four keys per pass (same order of additions)
-        p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
-        v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
-        for d in range(D):
-            acc[d] = (((acc[d] + p0 * v0[d]) + p1 * v1[d]) + p2 * v2[d]) + p3 * v3[d]
-        j += 4
-    while j < n:
-        p0 = s[j]
-        v0 = v[j]
-        for d in range(D):
-            acc[d] += p0 * v0[d]
-        j += 1
+    _acc_row(s, v, 0, n, acc)  # acc += p_j v_j
     return m, tot
 
 
@@ -830,19 +825,7 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
                 dvj = dv[j]
                 for d in range(D):
                     dvj[d] = (((dvj[d] + p0 * o0[d]) + p1 * o1[d]) + p2 * o2[d]) + p3 * o3[d]
-            a0, a1, a2, a3 = dqa[0], dqa[1], dqa[2], dqa[3]
-            for j in range(0, i1, 4):  # dq rows: Σ_j ds_j k_j in key order, four keys per pass (i1 % 4 == 0)
-                k0, k1, k2, k3 = k[j], k[j + 1], k[j + 2], k[j + 3]
-                s00, s01, s02, s03 = DS[0, j], DS[0, j + 1], DS[0, j + 2], DS[0, j + 3]
-                s10, s11, s12, s13 = DS[1, j], DS[1, j + 1], DS[1, j + 2], DS[1, j + 3]
-                s20, s21, s22, s23 = DS[2, j], DS[2, j + 1], DS[2, j + 2], DS[2, j + 3]
-                s30, s31, s32, s33 = DS[3, j], DS[3, j + 1], DS[3, j + 2], DS[3, j + 3]
-                for d in range(D):
-                    x0, x1, x2, x3 = k0[d], k1[d], k2[d], k3[d]
-                    a0[d] = (((a0[d] + s00 * x0) + s01 * x1) + s02 * x2) + s03 * x3
-                    a1[d] = (((a1[d] + s10 * x0) + s11 * x1) + s12 * x2) + s13 * x3
-                    a2[d] = (((a2[d] + s20 * x0) + s21 * x1) + s22 * x2) + s23 * x3
-                    a3[d] = (((a3[d] + s30 * x0) + s31 * x1) + s32 * x2) + s33 * x3
+            _acc_rows4(DS, k, i1, dqa)  # dq rows: Σ_j ds_j k_j in key order (i1 % 4 == 0)
         else:
             for r in range(i1 - i0):
                 i = i0 + r
