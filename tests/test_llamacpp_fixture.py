@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gguf_finetune.formats.checkpoint import read_checkpoint
+from gguf_finetune.formats.ggla import read_ggla, read_ggla_header
 from gguf_finetune.gguf_io import open_gguf
 from gguf_finetune.model import read_hparams
 
@@ -68,3 +69,10 @@ def test_resume_llamacpp_checkpoint_reproduces_run2(run_dir, monkeypatch, capsys
             assert rel <= 1e-3, f"{s.name}: relative difference {rel:.2e}"
     for ours_m, ref_m in ((mine.opt.m, theirs.opt.m), (mine.opt.v, theirs.opt.v)):
         assert np.linalg.norm(ours_m - ref_m) <= 1e-3 * np.linalg.norm(ref_m)
+    # the legacy .bin adapter: llama.cpp's header, layout and size, the same values to rounding
+    bin_ours, bin_theirs = work / "lora-tiny-10.bin", fx / "lora-tiny-10.bin"
+    assert read_ggla_header(bin_ours) == read_ggla_header(bin_theirs)
+    assert bin_ours.stat().st_size == bin_theirs.stat().st_size
+    g_ours, g_theirs = read_ggla(bin_ours, hp), read_ggla(bin_theirs, hp)
+    assert [s.name for s in g_ours.layout.specs] == [s.name for s in g_theirs.layout.specs]
+    assert np.linalg.norm(g_ours.flat - g_theirs.flat) <= 1e-3 * np.linalg.norm(g_theirs.flat)
