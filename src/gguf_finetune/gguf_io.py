@@ -184,6 +184,21 @@ def check_readable_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def read_file_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """The whole file at ``path``; a missing path, a directory or a read error is a UserError
+    naming ``what`` (an empty file is the caller's to judge)."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise UserError(f"{what} '{p}': file not found")
+    if os.path.isdir(p):
+        raise UserError(f"{what} '{p}': is a directory, expected a file")
+    try:
+        with open(p, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{what} '{p}': cannot read ({e.strerror})") from None
+
+
 class GGUFFile:
     """A GGUF file opened read-only and memory-mapped.
 

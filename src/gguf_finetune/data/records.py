@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..gguf_io import read_file_bytes
 
 KINDS = ("chat", "prompt_completion", "text")
 
@@ -176,16 +177,7 @@ def parse_jsonl(data: bytes, path: str, what: str = "train data") -> list[Record
 def read_jsonl(path: str | os.PathLike, what: str = "train data") -> list[Record]:
     """Read and parse a JSONL file; a missing, unreadable or record-less file is a UserError."""
     p = os.fspath(path)
-    if not os.path.exists(p):
-        raise UserError(f"{what} '{p}': file not found")
-    if os.path.isdir(p):
-        raise UserError(f"{what} '{p}': is a directory, expected a file")
-    try:
-        with open(p, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"{what} '{p}': cannot read ({e.strerror})") from None
-    records = parse_jsonl(data, p, what)
+    records = parse_jsonl(read_file_bytes(p, what), p, what)
     if not records:
         raise UserError(f"{what} '{p}': no records (the file is empty or has only blank lines)")
     return records

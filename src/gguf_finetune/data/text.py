@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import UserError
+from ..gguf_io import read_file_bytes
 from ..stdcpp import MT19937, hash_string, mt19937_seed_to_state
 
 Report = Callable[[str], None]
@@ -312,15 +313,7 @@ def tokenize_file(
     (llama.cpp warned and then crashed on the empty sample list), and so is one that holds only
     whitespace or is not UTF-8 (:func:`check_text`)."""
     p = os.fspath(path)
-    if not os.path.exists(p):
-        raise UserError(f"train data '{p}': file not found")
-    if os.path.isdir(p):
-        raise UserError(f"train data '{p}': is a directory, expected a file")
-    try:
-        with open(p, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"train data '{p}': cannot read ({e.strerror})") from None
+    data = read_file_bytes(p, "train data")
     if not data:
         raise UserError(f"train data '{p}': file is empty")
     check_text(data, p)
