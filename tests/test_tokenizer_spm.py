@@ -5,7 +5,6 @@ llama-cpp-python is installed."""
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import gguf
@@ -255,18 +254,11 @@ def test_tiny_without_space_prefix(tmp_path):
 
 # -- speed ---------------------------------------------------------------------------------------
 
-def test_load_and_megabyte_speed(spm_path, shared):
-    t0 = time.perf_counter()
+def test_megabyte_round_trip(spm_path, megabyte_text):
+    """A megabyte of English round-trips.  Its speed (spec: <= 1 s to load, <= 5 s per MB) is a
+    benchmark, not a test: scripts/bench_tokenizer.py, numbers in docs/PERFORMANCE.md."""
     tok = load_tokenizer(spm_path)
-    t_load = time.perf_counter() - t0
-    text = (shared / "data" / "shakespeare.txt").read_text(encoding="utf-8")
-    text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
-    t0 = time.perf_counter()
-    ids = tok.encode(text)
-    t_enc = time.perf_counter() - t0
-    assert tok.detokenize(ids) == text
-    # the spec's limits (measured here: ~0.3 s to load, ~0.6 s for 1 MB; see docs/PERFORMANCE.md)
-    assert t_load < 1.0 and t_enc < 5.0, (t_load, t_enc)
+    assert tok.detokenize(tok.encode(megabyte_text)) == megabyte_text
 
 
 # -- against llama.cpp itself --------------------------------------------------------------------
