@@ -110,6 +110,47 @@ def test_adamw_step_bitwise_equals_float32_reference():
         assert np.array_equal(got, w)
 
 
+def test_adamw_nondefault_betas_and_eps_match_transcriptions():
+    """beta1, beta2 and eps other than the defaults, over three steps (bias correction beta**t with
+    t = 1, 2, 3): the float32 step equals the per-element float32 transcription bit for bit and the
+    float64 transcription to rounding; eps is large enough here to change the result."""
+    cfg = AdamWConfig(alpha=0.01, beta1=0.8, beta2=0.95, eps=1e-3, decay=0.05, gclip=1.0)
+    x, g, m, v = _rand_state(2000, seed=7)
+    m[:] = 0
+    v[:] = 0
+    mask = np.arange(2000) % 4 != 0
+    x64, m64, v64 = x.copy(), m.copy(), v.copy()
+    for t in (1, 2, 3):
+        grad = (g * np.float32(1.0 + 0.5 * t)).astype(np.float32)
+        want = adamw_step_ref(x, grad, m, v, t, 0.9, cfg, mask)
+        x64, m64, v64 = _step_f64(x64, grad, m64, v64, t, 0.9, cfg, mask)
+        adamw_step(x, grad, m, v, t, 0.9, cfg, mask)
+        for got, w in zip((x, m, v), want):
+            assert np.array_equal(got, w)
+        for got, w in zip((x, m, v), (x64, m64, v64)):
+            np.testing.assert_allclose(got, w, rtol=2e-5, atol=1e-7)
+    default_eps = AdamWConfig(alpha=0.01, beta1=0.8, beta2=0.95, decay=0.05, gclip=1.0)
+    x2, _, _, _ = _rand_state(2000, seed=7)
+    m2, v2 = np.zeros(2000, np.float32), np.zeros(2000, np.float32)
+    adamw_step(x2, g, m2, v2, 1, 0.9, default_eps, mask)
+    x1, _, _, _ = _rand_state(2000, seed=7)
+    m1, v1 = np.zeros(2000, np.float32), np.zeros(2000, np.float32)
+    adamw_step(x1, g, m1, v1, 1, 0.9, cfg, mask)
+    assert np.abs(x1 - x2).max() > 1e-4  # eps is used
+
+
+def test_adam_flags_reach_the_optimizer_config():
+    from gguf_finetune.cli.args import parse_finetune_args
+
+    a = parse_finetune_args(["--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-alpha", "0.01",
+                             "--adam-decay", "0.05", "--adam-gclip", "0.5", "--opt-past", "3", "--opt-delta", "0.01",
+                             "--opt-max-no-improvement", "4", "--adam-epsf", "1e-4"])
+    c = a.opt.adamw_config()
+    assert (c.beta1, c.beta2, c.alpha, c.decay, c.gclip) == (0.8, 0.95, 0.01, 0.05, 0.5)
+    assert (c.past, c.delta, c.max_no_improvement, c.eps_f) == (3, 0.01, 4, 1e-4)
+    assert c.eps == 1e-8  # not a flag, as in llama.cpp
+
+
 def test_clip_scale():
     g = np.full(100, 0.5, dtype=np.float32)  # norm 5
     assert clip_scale(g, 1.0) == np.float32(1.0 / 5.0)
@@ -155,7 +196,8 @@ def test_max_no_improvement():
     st.start(5.0, 0, cfg)
     assert not st.after_update(4.0, 1, 0, cfg)  # improved
     assert not st.after_update(4.5, 2, 0, cfg)
-    assert st.after_update(4.2, 3, 0, cfg)  # second iteration without beating 4.0
+    assert st.after_update(4.2, 3, 0, cfg) == (  # second iteration without beating 4.0
+        "no improvement on the best loss for 2 iterations (--opt-max-no-improvement 2)")
     assert st.fx_best == 4.0
 
 

@@ -238,19 +238,21 @@ class ConvergenceState:
             self.n_no_improvement = 0
             self.just_initialized = False
 
-    def after_update(self, fx: float, iteration: int, iter0: int, cfg: AdamWConfig) -> bool:
+    def after_update(self, fx: float, iteration: int, iter0: int, cfg: AdamWConfig) -> str | None:
         """After update number ``iteration`` (= iter0 + t + 1) and the next batch's loss ``fx``.
-        Returns True when ggml would stop with GGML_OPT_RESULT_OK (converged)."""
+        Returns why ggml would stop with GGML_OPT_RESULT_OK (converged) as a short sentence naming the
+        flag, or None to go on."""
         fx32 = F32(fx)
         with np.errstate(divide="ignore", invalid="ignore"):
             if np.abs(fx32 - F32(self.fx_prev)) / fx32 < F32(cfg.eps_f):
-                return True
+                return f"the loss changed by less than --adam-epsf {cfg.eps_f:g} (relative) in one iteration"
             if cfg.past > 0:
                 k = (iteration - 1) % cfg.past  # ggml indexes with iter0 + t
                 if cfg.past <= iteration - 1:
                     rate = (self.past_losses[k] - fx32) / fx32
                     if np.abs(rate) < F32(cfg.delta):
-                        return True
+                        return (f"the loss changed by less than --opt-delta {cfg.delta:g} (relative) over "
+                                f"--opt-past {cfg.past} iterations")
                 self.past_losses[k] = fx32
         if cfg.max_no_improvement > 0:
             if F32(self.fx_best) > fx32:
@@ -259,9 +261,11 @@ class ConvergenceState:
             else:
                 self.n_no_improvement += 1
                 if self.n_no_improvement >= cfg.max_no_improvement:
-                    return True
+                    n = self.n_no_improvement
+                    return (f"no improvement on the best loss for {n} iteration{'s' if n != 1 else ''} "
+                            f"(--opt-max-no-improvement {cfg.max_no_improvement})")
         self.fx_prev = float(fx32)
-        return False
+        return None
 
 
 # -- parameter order ------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ class MetricsFile:
             return
         rec = {"iter": info.iteration, "loss": round(float(info.loss), 6), "lr": float(info.lr),
                "tokens_per_s": round(info.tokens / info.elapsed, 2) if info.elapsed > 0 else None,
-               "elapsed": round(info.elapsed, 3)}
+               "elapsed": round(info.elapsed, 6)}
         self.fh.write(json.dumps(rec) + "\n")
         self.fh.flush()
 

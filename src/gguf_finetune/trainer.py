@@ -265,14 +265,19 @@ class Trainer:
                     break
                 sched = point(it, f, loss_before)
                 if last or epoch_limit:
-                    reason = "epochs" if epoch_limit and not last else reason
+                    if epoch_limit and not last:
+                        reason = "epochs"
+                        n = cfg.epochs
+                        self.cb.on_message(f"main: completed {n} epoch{'s' if n != 1 else ''} (--epochs {n}): "
+                                           f"stopping after iteration {it}")
                     break
                 f, ntok, epoch_limit = self.evaluate()
                 tokens_done += ntok
                 self._check_finite(f, it)
-                if self.conv.after_update(f, it, i0, cfg.adam):
+                why = self.conv.after_update(f, it, i0, cfg.adam)
+                if why:
                     reason = "converged"
-                    self.cb.on_message(f"main: converged at iteration {it}")
+                    self.cb.on_message(f"main: converged at iteration {it}: {why}")
                     break
             return self._finish(it, f, reason, t_start)
 
