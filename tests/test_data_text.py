@@ -226,6 +226,41 @@ def test_batch_semantics_by_hand():
     assert tok[0, 0] == BOS and tok[0, 1:].tolist() == tgt[0, :-1].tolist()
 
 
+# three samples A = [10, 11, 12], B = [20, 21], C = [30]; two rows of 6; no random offsets
+_ABC = (np.array([10, 11, 12, 20, 21, 30], dtype=np.int32), np.array([0, 3, 5]), np.array([3, 2, 1]),
+        np.array([2, 1, 0]))
+
+
+@pytest.mark.parametrize("seos,sbos,rows,used,from_offset", [
+    # --fill-with-next-samples --separate-with-eos --no-separate-with-bos: EOS between samples
+    (True, False, [[10, 11, 12, EOS, 20, 21], [30, EOS, 10, 11, 12, EOS]], 4, [12, EOS, 20, 21, EOS, 30]),
+    # --fill-with-next-samples alone (BOS separation is on by default): BOS between samples
+    (False, True, [[10, 11, 12, BOS, 20, 21], [30, BOS, 10, 11, 12, BOS]], 4, [12, BOS, 20, 21, BOS, 30]),
+    # --fill-with-next-samples --no-separate-with-bos: samples back to back
+    (False, False, [[10, 11, 12, 20, 21, 30], [10, 11, 12, 20, 21, 30]], 6, [12, 20, 21, 30, 10, 11]),
+])
+def test_fill_and_separator_semantics_by_hand(seos, sbos, rows, used, from_offset):
+    """get_example_targets_batch, worked by hand: a row starts with the next unused sample, takes its
+    tokens, then (with fill) the separators and the following samples, wrapping around the sample list;
+    the second row starts after the last sample the first row touched (B is cut in row 0 and not
+    continued); tokens are the targets shifted right behind a BOS."""
+    data, begins, sizes, offs = _ABC
+    cfg = BatchConfig(2, 6, fill_with_next_samples=True, separate_with_eos=seos, separate_with_bos=sbos)
+    for fn in (example_targets_batch, example_targets_batch_ref):
+        tok, tgt, n = fn(0, offs, begins, sizes, data, cfg, BOS, EOS, NV)
+        assert tgt.tolist() == rows and n == used
+        assert tok.tolist() == [[BOS] + r[:-1] for r in rows]
+    # the separators only matter when filling: without fill a row is one sample, then EOS padding
+    plain = BatchConfig(2, 6, fill_with_next_samples=False, separate_with_eos=seos, separate_with_bos=sbos)
+    tok, tgt, n = example_targets_batch(0, offs, begins, sizes, data, plain, BOS, EOS, NV)
+    assert tgt.tolist() == [[10, 11, 12, EOS, EOS, EOS], [20, 21, EOS, EOS, EOS, EOS]] and n == 2
+    # --sample-random-offsets moves only the start of a row's first sample (A from offset 2; B, C whole)
+    rnd = BatchConfig(1, 6, fill_with_next_samples=True, separate_with_eos=seos, separate_with_bos=sbos,
+                      sample_random_offsets=True)
+    _, tgt, _ = example_targets_batch(0, offs, begins, sizes, data, rnd, BOS, EOS, NV)
+    assert tgt[0].tolist() == from_offset
+
+
 def _dataset(n=7):
     from gguf_finetune.data.text import TextDataset
 
