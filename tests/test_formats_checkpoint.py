@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shlex
+import shutil
+
 import numpy as np
 
 from gguf_finetune.engine.lora import LoraRanks, init_lora
@@ -66,3 +71,40 @@ def test_llamacpp_moments_map_to_our_layout(shared):
             assert 0.5 * s.n_out < zero_rows < s.n_out  # only a few hundred tokens seen in 4 iterations
         else:
             assert zero_rows == 0, s.name
+
+
+def test_our_checkpoint_has_llamacpps_layout(shared, tmp_path, monkeypatch):
+    """A checkpoint our finetune writes for the fixture's model and ranks (the fixture's first command,
+    one iteration, norm ranks 1 as llama.cpp had them) has exactly chk-tiny-4.gguf's keys with the same
+    value types, plus keys under our own prefix only, and the same tensors (names, shapes, types)."""
+    from gguf_finetune.cli.finetune import run
+
+    fx = shared / "fixtures" / "llamacpp-tiny"
+    for name in ("tiny-llama-spm-q8_0.gguf", "train.txt"):
+        shutil.copy(fx / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split((fx / "commands.txt").read_text().splitlines()[0])[1:]
+    argv[argv.index("--adam-iter") + 1] = "1"
+    argv += ["--rank-att-norm", "1", "--rank-ffn-norm", "1", "--rank-out-norm", "1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run(argv) == 0
+    ours = open_gguf(tmp_path / "chk-tiny-1.gguf", "checkpoint")
+    theirs = open_gguf(fx / "chk-tiny-4.gguf", "checkpoint")
+    kv_ours = {k for k in ours.keys() if not k.startswith("GGUF.")}
+    kv_theirs = {k for k in theirs.keys() if not k.startswith("GGUF.")}
+    extra = kv_ours - kv_theirs
+    assert kv_theirs <= kv_ours, sorted(kv_theirs - kv_ours)
+    assert extra and all(k.startswith("gguf_finetune.") for k in extra), sorted(extra)
+    for k in sorted(kv_theirs):
+        assert ours.reader.fields[k].types == theirs.reader.fields[k].types, k
+    # what does not depend on the iteration is equal too (same model, flags, data and seed)
+    changing = {"training.iteration_count", "training.sample_count", "training.token_count",
+                "training.shuffle.next_sample", "optimizer.iteration_count", "optimizer.adam.best_loss",
+                "optimizer.adam.previous_loss"}
+    for k in sorted(kv_theirs - changing):
+        assert ours.get(k) == theirs.get(k), k
+
+    def tensors(f):
+        return {n: (tuple(int(x) for x in t.shape), int(t.tensor_type)) for n, t in f.tensors.items()}
+
+    assert tensors(ours) == tensors(theirs)

@@ -76,3 +76,21 @@ def test_resume_llamacpp_checkpoint_reproduces_run2(run_dir, monkeypatch, capsys
     g_ours, g_theirs = read_ggla(bin_ours, hp), read_ggla(bin_theirs, hp)
     assert [s.name for s in g_ours.layout.specs] == [s.name for s in g_theirs.layout.specs]
     assert np.linalg.norm(g_ours.flat - g_theirs.flat) <= 1e-3 * np.linalg.norm(g_theirs.flat)
+
+
+def test_only_write_lora_of_llamacpp_checkpoint_is_its_bin(shared, tmp_path, monkeypatch, capsys):
+    """--only-write-lora on llama.cpp's own checkpoint writes llama.cpp's own adapter, byte for byte,
+    named with the checkpoint's iteration, and nothing else (no checkpoint, no metrics)."""
+    from gguf_finetune.cli.finetune import run
+
+    fx = shared / "fixtures" / "llamacpp-tiny"
+    shutil.copy(fx / "tiny-llama-spm-q8_0.gguf", tmp_path / "tiny-llama-spm-q8_0.gguf")
+    monkeypatch.chdir(tmp_path)
+    before = set(p.name for p in tmp_path.iterdir())
+    assert run(["--model-base", "tiny-llama-spm-q8_0.gguf", "--only-write-lora", "--checkpoint-in",
+                str(fx / "chk-tiny-10.gguf"), "--lora-out", "x-ITERATION.bin"]) == 0
+    out = capsys.readouterr().out
+    assert "save_as_llama_lora: saving to x-10.bin" in out
+    assert "save_checkpoint_lora_file" not in out and "train_opt_callback" not in out
+    assert set(p.name for p in tmp_path.iterdir()) - before == {"x-10.bin"}
+    assert (tmp_path / "x-10.bin").read_bytes() == (fx / "lora-tiny-10.bin").read_bytes()
