@@ -84,6 +84,7 @@ def main() -> None:
     from gguf_finetune.engine.backward import loss_and_grad
     from gguf_finetune.engine.lora import LoraRanks, init_lora
     from gguf_finetune.model import load_model
+    from gguf_finetune.optim import AdamWConfig, adamw_step
 
     set_threads(args.threads)
     keep_freed_memory()  # as finetune does
@@ -96,6 +97,7 @@ def main() -> None:
     grads = lora.like()
     m = np.zeros_like(lora.flat)
     v = np.zeros_like(lora.flat)
+    adam, decay = AdamWConfig(alpha=1e-4), np.ones(lora.flat.shape, dtype=bool)  # decay on every element
     rng = np.random.default_rng(0)
     B, T = args.batch, args.ctx
     tokens = rng.integers(0, hp.n_vocab, size=(B, T))
@@ -107,11 +109,7 @@ def main() -> None:
         grads.flat[:] = 0
         loss = loss_and_grad(model.weights, hp, lora, grads, tokens, targets, mask, 1.0 / mask.sum(),
                              checkpointing=ckpt, flash=flash)
-        # AdamW over the flat buffer (the trainer's optimizer does the same vector operations)
-        g = grads.flat
-        m[:] = 0.9 * m + 0.1 * g
-        v[:] = 0.999 * v + 0.001 * g * g
-        lora.flat[:] -= 1e-4 * (m / (1 - 0.9**it)) / (np.sqrt(v / (1 - 0.999**it)) + 1e-8)
+        adamw_step(lora.flat, grads.flat, m, v, it, 1.0, adam, decay)  # the trainer's optimizer step
         return loss
 
     t0 = time.perf_counter()
