@@ -186,6 +186,24 @@ def test_lora_forward_matches_reference(dtype):
         K.lora_forward(x, a, b[:, :3], 0.7, y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,n_out", [(5, 7), (1, 1024), (7, 2500), (8, 1030)])
+def test_lora_wide_backward_matches_reference(dtype, N, n_out):
+    rng = np.random.default_rng(42)
+    dy, u, b = rnd(rng, N, n_out, dtype=dtype), rnd(rng, N, 3, dtype=dtype), rnd(rng, n_out, 3, dtype=dtype)
+    db = rnd(rng, n_out, 3, dtype=dtype)
+    flat = np.zeros(db.size + 4, dtype=dtype)  # the gradient as a view into a flat buffer
+    db_v = flat[4:].reshape(db.shape)
+    db_v[...] = db
+    want_dyb = R.lora_wide_backward(dy, u, b, 0.7, db)
+    dyb = K.lora_wide_backward(dy, u, b, 0.7, db_v)
+    close(dyb, want_dyb, dtype, tol=TOL[dtype] * 50)  # sums over up to 2500 columns
+    close(db_v, db, dtype)
+    assert not flat[:4].any()
+    with pytest.raises(ValueError):
+        K.lora_wide_backward(dy, u, b[:, :2], 0.7, db)
+
+
 # -- SwiGLU -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

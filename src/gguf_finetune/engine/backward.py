@@ -102,8 +102,7 @@ def head_loss_backward(weights, hn: np.ndarray, targets: np.ndarray, mask: np.nd
             dh += dl[:, r0:r1] @ Wc  # [n, C]
         if la is not None:
             a, b, s = la
-            dlb = dl @ b  # [n, r]
-            grads.b["output.weight"] += s * (dl.T @ u)  # [V, r]
+            dlb = K.lora_wide_backward(dl, u, b, s, grads.b["output.weight"])  # dl·b [n, r]; db += s·dlᵀ·u
             grads.a["output.weight"] += s * (h.T @ dlb)  # [C, r]
             K.lora_add(dh, dlb * s, a)
     return nll, dhn

@@ -104,6 +104,11 @@ def lora_add(y, us, b) -> None:
     y += us @ b.T
 
 
+def lora_wide_backward(dy, u, b, s: float, db):
+    db += s * (dy.T @ u)
+    return dy @ b
+
+
 def swiglu_forward(g, u, out=None):
     """h = g/(1+exp(-g))·u in the dtype."""
     with np.errstate(over="ignore"):
