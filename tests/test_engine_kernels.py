@@ -74,6 +74,8 @@ def test_rmsnorm_matches_reference(dtype):
     close(out, out_r, dtype)
     for a, b in zip(K.rmsnorm_backward(d, x, w, rstd), R.rmsnorm_backward(d, x, w, rstd)):
         close(a, b, dtype)
+    dx_only, none = K.rmsnorm_backward(d, x, w, rstd, need_dw=False)  # dw skipped, dx the same
+    assert none is None and np.array_equal(dx_only, K.rmsnorm_backward(d, x, w, rstd)[0])
     buf = np.empty_like(x)
     assert K.rmsnorm_forward(x, w, 1e-5, out=buf)[0] is buf
 

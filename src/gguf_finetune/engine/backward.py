@@ -53,8 +53,9 @@ def layer_backward(dout: np.ndarray, c: LayerCache, lw, il: int, hp: HParams, B:
     dg, du = K.swiglu_backward(dhf, c.g, c.u)  # [N, F] each
     dh2 = linear_backward(dg, c.h2, lw.ffn_gate, _lora(lora, n_g), c.u_g, grads, n_g)  # [N, C]
     dh2 += linear_backward(du, c.h2, lw.ffn_up, _lora(lora, n_u), c.u_u, grads, n_u)
-    dx2, dg_ffn = K.rmsnorm_backward(dh2, c.x2, c.g_ffn, c.rstd2)  # [N, C], [C]
-    norm_backward(dg_ffn, _lora(lora, p + "ffn_norm.weight"), grads, p + "ffn_norm.weight")
+    l_ffn = _lora(lora, p + "ffn_norm.weight")
+    dx2, dg_ffn = K.rmsnorm_backward(dh2, c.x2, c.g_ffn, c.rstd2, l_ffn is not None)  # [N, C], [C] or None
+    norm_backward(dg_ffn, l_ffn, grads, p + "ffn_norm.weight")
     dx2 += dout
     # attention: x2 = x + wo(attention(rope(wq h1), rope(wk h1), wv h1))
     da = linear_backward(dx2, c.a, lw.attn_output, _lora(lora, n_o), c.u_o, grads, n_o)  # [N, C]
@@ -70,8 +71,9 @@ def layer_backward(dout: np.ndarray, c: LayerCache, lw, il: int, hp: HParams, B:
     dh1 = linear_backward(dq, c.h1, lw.attn_q, _lora(lora, n_q), c.u_q, grads, n_q)  # [N, C]
     dh1 += linear_backward(dk, c.h1, lw.attn_k, _lora(lora, n_k), c.u_k, grads, n_k)
     dh1 += linear_backward(dv, c.h1, lw.attn_v, _lora(lora, n_v), c.u_v, grads, n_v)
-    dx, dg_att = K.rmsnorm_backward(dh1, c.x, c.g_att, c.rstd1)  # [N, C], [C]
-    norm_backward(dg_att, _lora(lora, p + "attn_norm.weight"), grads, p + "attn_norm.weight")
+    l_att = _lora(lora, p + "attn_norm.weight")
+    dx, dg_att = K.rmsnorm_backward(dh1, c.x, c.g_att, c.rstd1, l_att is not None)  # [N, C], [C] or None
+    norm_backward(dg_att, l_att, grads, p + "attn_norm.weight")
     dx += dx2
     return dx
 
@@ -148,8 +150,9 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     nll, dhn = head_loss_backward(weights, hn, np.ascontiguousarray(targets.reshape(-1), dtype=np.int32),
                                   m, inv_norm, lora, grads)
     loss = float(np.dot(nll, m.astype(np.float64)) * inv_norm)
-    dx, dg_out = K.rmsnorm_backward(dhn, x, g_out, rstd)
-    norm_backward(dg_out, _lora(lora, name_on), grads, name_on)
+    l_out = _lora(lora, name_on)
+    dx, dg_out = K.rmsnorm_backward(dhn, x, g_out, rstd, l_out is not None)
+    norm_backward(dg_out, l_out, grads, name_on)
     for il in reversed(range(hp.n_layer)):
         lw = weights.layer(il)
         if checkpointing:

@@ -247,16 +247,19 @@ def rmsnorm_forward(x, w, eps: float, out=None):
     return out, rstd
 
 
-def rmsnorm_backward(dout, x, w, rstd):
-    """dout [N, C], x [N, C], w [C], rstd [N] -> (dx [N, C], dw [C])."""
+def rmsnorm_backward(dout, x, w, rstd, need_dw: bool = True):
+    """dout [N, C], x [N, C], w [C], rstd [N] -> (dx [N, C], dw [C]); dw is None when not
+    ``need_dw`` (the norm weight is not adapted: its gradient is a reduction over all N rows)."""
     x = _float_array(x, "x")
     N, C = x.shape
     dout = _like(dout, x.dtype, (N, C), "dout")
     w = _like(w, x.dtype, (C,), "w")
     rstd = _like(rstd, x.dtype, (N,), "rstd")
     dx = np.empty_like(x)
-    dw = np.empty(C, dtype=x.dtype)
     _rmsnorm_bwd_dx(dout, x, w, rstd, dx)
+    if not need_dw:
+        return dx, None
+    dw = np.empty(C, dtype=x.dtype)
     _rmsnorm_bwd_dw(dout, x, rstd, _DW_BLOCK, dw)
     return dx, dw
 
