@@ -57,7 +57,7 @@ def step_matmul_flops(hp, lora, B: int, T: int, checkpointing: bool) -> float:
     head = 2 * N * C * V
     fwd = hp.n_layer * (layer + attn) + head
     bwd = hp.n_layer * (layer + 2 * attn) + head  # dx of projections; attention dq,dk,dv ~ 2x
-    recompute = hp.n_layer * (layer + attn) if checkpointing else 0
+    recompute = hp.n_layer * (layer - 2 * N * C * F + attn) if checkpointing else 0  # minus the down projection
     lora_flops = 0
     for s in lora.layout.specs:
         if s.kind == "norm":

@@ -184,6 +184,7 @@ def test_lora_forward_matches_reference(dtype):
     u = K.lora_forward(x, a, b, 0.7, y)
     close(u, u_ref, dtype)
     close(y, want, dtype)
+    assert np.array_equal(K.lora_u(x, a), u)  # the recomputation's u is the forward's, bit for bit
     with pytest.raises(ValueError):
         K.lora_forward(x, a, b[:, :3], 0.7, y)
 

@@ -156,7 +156,8 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     for il in reversed(range(hp.n_layer)):
         lw = weights.layer(il)
         if checkpointing:
-            _, cache = layer_forward(saved[il], lw, il, hp, B, T, rope, lora, flash, keep_cache=True)
+            _, cache = layer_forward(saved[il], lw, il, hp, B, T, rope, lora, flash, keep_cache=True,
+                                     need_out=False)  # the block's output is not needed again
         else:
             cache = saved[il]
         saved[il] = None  # free as we go

@@ -88,8 +88,12 @@ def _lora(lora: LoraParams | None, name: str):
 
 
 def layer_forward(x: np.ndarray, lw: LayerWeights, il: int, hp: HParams, B: int, T: int, rope: Rope,
-                  lora: LoraParams | None, flash: bool, keep_cache: bool):
-    """One block: x [N, C] -> (out [N, C], LayerCache or None)."""
+                  lora: LoraParams | None, flash: bool, keep_cache: bool, need_out: bool = True):
+    """One block: x [N, C] -> (out [N, C], LayerCache or None).
+
+    ``need_out=False`` (recomputing a block for its backward under checkpointing, with keep_cache):
+    out is None and the down projection is skipped — its backward needs only its input and the
+    adapter's x·a, which are in the cache."""
     Hq, Hkv, D, eps = hp.n_head, hp.n_head_kv, hp.head_dim, hp.rms_eps
     p = f"blk.{il}."
     g_att = norm_weight(lw.attn_norm, _lora(lora, p + "attn_norm.weight"))
@@ -113,8 +117,13 @@ def layer_forward(x: np.ndarray, lw: LayerWeights, il: int, hp: HParams, B: int,
     g, u_g = linear_forward(h2, lw.ffn_gate, _lora(lora, p + "ffn_gate.weight"))  # [N, F]
     u, u_u = linear_forward(h2, lw.ffn_up, _lora(lora, p + "ffn_up.weight"))  # [N, F]
     hf = K.swiglu_forward(g, u)  # [N, F]
-    d, u_d = linear_forward(hf, lw.ffn_down, _lora(lora, p + "ffn_down.weight"))  # [N, C]
-    out = x2 + d  # [N, C]
+    l_d = _lora(lora, p + "ffn_down.weight")
+    if keep_cache and not need_out:
+        out = None
+        u_d = None if l_d is None else K.lora_u(hf, l_d[0])  # [N, r], as linear_forward computes it
+    else:
+        d, u_d = linear_forward(hf, lw.ffn_down, l_d)  # [N, C]
+        out = x2 + d  # [N, C]
     if not keep_cache:
         return out, None
     return out, LayerCache(x, g_att, h1, rstd1, u_q, u_k, u_v, qh, kh, vh, att, att_cache, a, u_o,

@@ -410,23 +410,46 @@ def _lora_add(y, us, bT):  # pragma: no cover - compiled
                 y[n, j] += c * bT[k, j]
 
 
+@njit(cache=True, fastmath={"contract", "reassoc"}, inline="always")
+def _lora_u_row(x, n, aT, u):  # pragma: no cover - compiled
+    # u[n] = x[n]·a: the same code wherever u is computed (forward, or its recomputation), bit for bit
+    n_in = x.shape[1]
+    for k in range(aT.shape[0]):
+        acc = x.dtype.type(0)
+        for i in range(n_in):
+            acc += x[n, i] * aT[k, i]
+        u[n, k] = acc
+
+
 @njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
 def _lora_fwd(x, aT, bT, s, y, u):  # pragma: no cover - compiled
     # x [N, n_in], aT [r, n_in], bT [r, n_out]: u = x·a [N, r]; y [N, n_out] += s·u·bᵀ.  Rows are
     # independent, so both products run in one pass per row with no BLAS call and no temporary.
-    N, n_in = x.shape
+    N = x.shape[0]
     r = aT.shape[0]
     n_out = y.shape[1]
     for n in prange(N):
-        for k in range(r):
-            acc = x.dtype.type(0)
-            for i in range(n_in):
-                acc += x[n, i] * aT[k, i]
-            u[n, k] = acc
+        _lora_u_row(x, n, aT, u)
         for k in range(r):
             c = s * u[n, k]
             for j in range(n_out):
                 y[n, j] += c * bT[k, j]
+
+
+@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+def _lora_u(x, aT, u):  # pragma: no cover - compiled
+    for n in prange(x.shape[0]):
+        _lora_u_row(x, n, aT, u)
+
+
+def lora_u(x, a):
+    """u = x·a [N, r] exactly as :func:`lora_forward` computes it (x [N, n_in], a [n_in, r]): what the
+    backward of an adapted linear needs when its output is not (recomputation under checkpointing)."""
+    if x.ndim != 2 or a.ndim != 2 or a.shape[0] != x.shape[1] or a.dtype != x.dtype:
+        raise ValueError(f"lora_u: x {x.shape} {x.dtype}, a {a.shape} {a.dtype} do not fit")
+    u = np.empty((x.shape[0], a.shape[1]), dtype=x.dtype)
+    _lora_u(np.ascontiguousarray(x), np.ascontiguousarray(a.T), u)
+    return u
 
 
 def lora_forward(x, a, b, s: float, y):
