@@ -57,7 +57,8 @@ def step_matmul_flops(hp, lora, B: int, T: int, checkpointing: bool) -> float:
     head = 2 * N * C * V
     fwd = hp.n_layer * (layer + attn) + head
     bwd = hp.n_layer * (layer + 2 * attn) + head  # dx of projections; attention dq,dk,dv ~ 2x
-    recompute = hp.n_layer * (layer - 2 * N * C * F + attn) if checkpointing else 0  # minus the down projection
+    # recomputed: every block but the last, without its down projection
+    recompute = (hp.n_layer - 1) * (layer - 2 * N * C * F + attn) if checkpointing else 0
     lora_flops = 0
     for s in lora.layout.specs:
         if s.kind == "norm":

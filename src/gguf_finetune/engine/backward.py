@@ -2,7 +2,8 @@
 
 Loss = inv_norm · Σ_i w_i · nll_i over the B·T positions (w = per-token weight/mask).
 With gradient checkpointing only each block's input [N, C] is kept; backward recomputes the
-block's forward (keeping its cache) right before running its backward.  Gradients accumulate
+block's forward (keeping its cache, skipping its output) right before running its backward.  The
+last block keeps its cache from the first pass: its backward follows the head directly.  Gradients accumulate
 (+=) into ``grads`` (same layout as the LoRA parameters), so gradient accumulation over several
 batches is simply several calls.
 """
@@ -137,10 +138,10 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     saved: list = []
     for il in range(hp.n_layer):
         lw = weights.layer(il)
-        if checkpointing:
+        if checkpointing and il < hp.n_layer - 1:
             saved.append(x)
             x, _ = layer_forward(x, lw, il, hp, B, T, rope, lora, flash, keep_cache=False)
-        else:
+        else:  # (the last block's cache is used right after the head: kept, not recomputed)
             x, cache = layer_forward(x, lw, il, hp, B, T, rope, lora, flash, keep_cache=True)
             saved.append(cache)
     name_on = "output_norm.weight"
@@ -155,7 +156,7 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     norm_backward(dg_out, l_out, grads, name_on)
     for il in reversed(range(hp.n_layer)):
         lw = weights.layer(il)
-        if checkpointing:
+        if checkpointing and il < hp.n_layer - 1:
             _, cache = layer_forward(saved[il], lw, il, hp, B, T, rope, lora, flash, keep_cache=True,
                                      need_out=False)  # the block's output is not needed again
         else:
