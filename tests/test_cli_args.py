@@ -185,6 +185,15 @@ def test_finetune_values():
     assert not a.is_given("--warmup") and not a.is_given("--use-flash")
 
 
+def test_size_flags_accept_their_upper_bounds():
+    from gguf_finetune.cli.args import MAX_CTX
+
+    a = parse_finetune_args(shlex.split(f"--ctx {MAX_CTX} -b {MAX_CTX} --lora-r {MAX_CTX} --rank-wq 0"))
+    assert (a.run.n_ctx, a.run.n_batch, a.lora.lora_r, a.lora.rank_wq) == (MAX_CTX, MAX_CTX, MAX_CTX, 0)
+    with pytest.raises(UsageError, match=r"^--ctx: expected an integer in \[1, 1048576\], got '2000000'$"):
+        parse_finetune_args(["--ctx", "2000000"])
+
+
 def test_underscore_spellings_as_llamacpp():
     # llama.cpp rewrites '_' to '-' in --long flags; its own help spells three flags with '_'
     for spelling in ("--rank-ffn_gate", "--rank-ffn-gate", "--rank_ffn_gate"):
@@ -276,6 +285,11 @@ FINETUNE_ERRORS = [
     ("--enable-restart 5", "--enable-restart"), ("--memory-budget lots", "--memory-budget"),
     ("--lora-type q4_0", "--lora-type"), ("--escape=yes", "--escape"), ("--lora-out --ctx 4", "--lora-out"),
     ("--rope-freq-base 0", "--rope-freq-base"),
+    # sizes with an upper bound (no allocation numpy would refuse, no late out-of-memory)
+    ("--ctx 99999999999999999999", "--ctx"), ("--ctx 1048577", "--ctx"), ("-b 99999999999999999999", "--batch"),
+    ("--lora-r 99999999999999999999", "--lora-r"), ("--lora-r 1048577", "--lora-r"),
+    ("--rank-wq 99999999999999999999", "--rank-wq"), ("--rank-out-norm 1048577", "--rank-out-norm"),
+    ("--grad-acc 99999999999999999999", "--grad-acc"), ("--opt-past 99999999999999999999", "--opt-past"),
 ]
 EXPORT_ERRORS = [
     ("--lora a.gguf", "--model"), ("-m b.gguf", "--lora"), ("-m b.gguf --lora-scaled a.gguf x", "--lora-scaled"),

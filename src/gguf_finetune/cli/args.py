@@ -421,6 +421,15 @@ RANK_FLAGS: dict[str, str] = {
 }
 NORM_TARGETS = ("att_norm", "ffn_norm", "out_norm")
 SEED_RANDOM = -1
+# Upper bounds of size-like flags, so that no number on the command line can ask for an absurd
+# allocation (numpy's "maximum allowed dimension exceeded" or a late out-of-memory): a context of a
+# million tokens, a million-sequence batch or a rank of a million are far beyond any CPU training
+# run; what fits below them is checked against the model (ranks) and memory before training.
+MAX_CTX = 1 << 20
+MAX_BATCH = 1 << 20
+MAX_RANK = 1 << 20
+MAX_GRAD_ACC = 1 << 20
+MAX_OPT_PAST = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -612,15 +621,19 @@ FINETUNE_GROUPS: tuple[Group, ...] = (
             "also applied in training, so the adapter behaves at inference as it did during training.", "N",
             float_value(0, lo_open=True), default="(default: equal to --lora-r, 4)"),
         opt("--lora-r", "lora.lora_r",
-            "LORA r: default rank. Also specifies resulting scaling together with lora-alpha.", "N", int_value(1)),
+            "LORA r: default rank. Also specifies resulting scaling together with lora-alpha.", "N",
+            int_value(1, MAX_RANK)),
         opt("--rank-att-norm", "lora.rank_att_norm",
-            "LORA rank for attention norm tensor, overrides default rank. " + _RANK_NOTE, "N", int_value(0)),
+            "LORA rank for attention norm tensor, overrides default rank. " + _RANK_NOTE, "N",
+            int_value(0, MAX_RANK)),
         opt("--rank-ffn-norm", "lora.rank_ffn_norm",
-            "LORA rank for feed-forward norm tensor, overrides default rank. " + _RANK_NOTE, "N", int_value(0)),
+            "LORA rank for feed-forward norm tensor, overrides default rank. " + _RANK_NOTE, "N",
+            int_value(0, MAX_RANK)),
         opt("--rank-out-norm", "lora.rank_out_norm",
-            "LORA rank for output norm tensor, overrides default rank. " + _RANK_NOTE, "N", int_value(0)),
+            "LORA rank for output norm tensor, overrides default rank. " + _RANK_NOTE, "N",
+            int_value(0, MAX_RANK)),
         *(opt(RANK_FLAGS[k], "lora.rank_" + k, f"LORA rank for {what} tensor, overrides default rank.", "N",
-              int_value(0))
+              int_value(0, MAX_RANK))
           for k, what in (("tok_embd", "token embeddings"), ("out", "output"), ("wq", "wq"), ("wk", "wk"),
                           ("wv", "wv"), ("wo", "wo"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
                           ("ffn_up", "ffn_up"))),
@@ -636,12 +649,12 @@ FINETUNE_GROUPS: tuple[Group, ...] = (
             "negative N is refused here as a likely typo).", "N", int_value(0)),
         opt("-s --seed", "run.seed", "RNG seed", "SEED", int_value(-1, 2**32 - 1),
             default="(default: -1, use random seed for -1)"),
-        opt("-c --ctx", "run.n_ctx", "Context size used during training", "N", int_value(1)),
+        opt("-c --ctx", "run.n_ctx", "Context size used during training", "N", int_value(1, MAX_CTX)),
         opt("-t --threads", "run.n_threads", "Number of threads", "N", int_value(1)),
-        opt("-b --batch", "run.n_batch", "Parallel batch size", "N", int_value(1)),
+        opt("-b --batch", "run.n_batch", "Parallel batch size", "N", int_value(1, MAX_BATCH)),
         opt("--grad-acc", "run.grad_acc",
             "Number of gradient accumulation steps (simulates larger batch size of batch*gradacc)", "N",
-            int_value(1)),
+            int_value(1, MAX_GRAD_ACC)),
         opt("--sample-start", "data.sample_start",
             "Sets the starting point for samples after the specified pattern. If empty use every token position "
             "as sample start.", "STR"),
@@ -688,7 +701,7 @@ FINETUNE_GROUPS: tuple[Group, ...] = (
              "Only for Adam optimizer. Disable restarts of cos-decay. Takes no value.", const=False),
         opt("--opt-past", "opt.opt_past",
             "Number of optimization iterations to track for delta convergence test. Disabled when zero.", "N",
-            int_value(0)),
+            int_value(0, MAX_OPT_PAST)),
         opt("--opt-delta", "opt.opt_delta", "Maximum delta for delta convergence test. Disabled when <= zero.", "N",
             float_value()),
         opt("--opt-max-no-improvement", "opt.opt_max_no_improvement",

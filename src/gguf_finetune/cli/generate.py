@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import UsageError, UserError
-from .args import Group, Opt, Parser, flag, float_value, int_value, opt, str_value
+from .args import MAX_CTX, Group, Opt, Parser, flag, float_value, int_value, opt, str_value
 from .common import cpu_count, set_threads
 
 # -- flags shared by the inference commands ------------------------------------------------------------
@@ -93,7 +93,7 @@ def generate_parser(prog: str) -> Parser:
             opt("-n --n-predict", "n_predict", "number of tokens to generate (-1 = until end of generation or a "
                 "full context)", "N", int_value(-1)),
             opt("-c --ctx", "n_ctx", "context size: prompt plus generated tokens (0 = the model's training "
-                "context)", "N", int_value(0)),
+                "context)", "N", int_value(0, MAX_CTX)),
             opt("--temp", "temp", "temperature (0 = greedy)", "T", float_value(0)),
             opt("--top-k", "top_k", "top-k sampling (0 = off)", "K", int_value(0)),
             opt("--top-p", "top_p", "top-p sampling (1.0 = off)", "P", float_value(0, 1)),

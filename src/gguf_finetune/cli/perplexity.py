@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .args import Group, Parser, int_value, opt
+from .args import MAX_CTX, Group, Parser, int_value, opt
 from .generate import load, model_options
 
 
@@ -35,9 +35,9 @@ def perplexity_parser(prog: str) -> Parser:
             opt("-f --file", "file", "the text (a trailing newline is dropped, as llama.cpp does)", "FNAME",
                 default="(required)"),
             opt("-c --ctx", "n_ctx", "tokens per chunk (0 = the model's training context; llama.cpp's default is "
-                "4096, its published numbers use 512)", "N", int_value(0)),
+                "4096, its published numbers use 512)", "N", int_value(0, MAX_CTX)),
             opt("-b --batch", "n_batch", "tokens per forward pass; smaller than --ctx feeds a chunk in pieces "
-                "through the KV cache (same result)", "N", int_value(1)),
+                "through the KV cache (same result)", "N", int_value(1, MAX_CTX)),
             opt("--chunks", "n_chunks", "max number of chunks to process (-1 = all)", "N", int_value(-1)),
         )),), PerplexityArgs())
 

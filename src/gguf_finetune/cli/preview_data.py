@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf_io import check_readable_file
-from .args import Group, Parser, choice_value, flag, int_value, opt
+from .args import MAX_CTX, Group, Parser, choice_value, flag, int_value, opt
 
 GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -49,7 +49,7 @@ def preview_parser(prog: str) -> Parser:
             opt("-n --records", "n_records", "how many records to show (0 = all)", "N", int_value(0)),
             flag("--json", "json", "one JSON object per record: text, tokens, trained (1/0 per token), line, cut"),
             opt("-c --ctx", "n_ctx", "training context: a row holds ctx+1 tokens, longer records are cut off", "N",
-                int_value(1)),
+                int_value(1, MAX_CTX)),
             opt("--chat-template", "chat_template", "a built-in template name (chatml, llama2, llama3, mistral, "
                 "zephyr, gemma, phi3) or a Jinja file", "NAME|FILE", default="(default: the model's own)"),
             flag("--train-on-prompt", "train_on_prompt", "train on every token, not only assistant turns"),
