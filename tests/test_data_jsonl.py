@@ -86,6 +86,18 @@ def test_read_jsonl_file_errors(tmp_path):
         read_jsonl(tmp_path / "v.jsonl", "validation data")
 
 
+def test_all_records_empty_is_an_error(tmp_path):
+    """Every record without text trains on nothing but EOS tokens: refused as plain text of only
+    whitespace is; one empty record among others is fine."""
+    p = tmp_path / "e.jsonl"
+    p.write_text('{"text": ""}\n{"text": "  "}\n{"prompt": "", "completion": " "}\n'
+                 '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "\\n"}]}\n')
+    with pytest.raises(UserError, match=r"^train data '.*e.jsonl': all 4 records are empty .* nothing to train on$"):
+        read_jsonl(p)
+    p.write_text('{"text": ""}\n{"text": "the cat"}\n')
+    assert [r.text for r in read_jsonl(p)] == ["", "the cat"]
+
+
 def test_detect_format():
     assert detect_format("a/b.JSONL") == "jsonl" and detect_format("x.ndjson") == "jsonl"
     assert detect_format("x.txt") == "text" and detect_format("x.json") == "text"

@@ -2,9 +2,10 @@
 
 What must hold: every checkpoint and adapter on disk under its final name loads, and a run resumed
 from the LATEST checkpoint continues; a failed save is one clear line, leaves the earlier files as
-they were, and leaves no temporary file behind.  (NaN loss and SIGTERM/Ctrl-C are covered in
-tests/test_trainer.py: test_nan_loss_stops_with_message_and_keeps_last_checkpoint and
-test_sigterm_saves_latest_and_stops.)
+they were, and leaves no temporary file behind.  A NaN or infinite loss stops the run with one
+line (through the CLI's main) and leaves the LATEST files of the last good save; Ctrl-C on a real
+``finetune`` process saves LATEST, exits 130, and the run resumes from it.  (The training loop's own
+tests of both are in tests/test_trainer.py.)
 """
 
 from __future__ import annotations
@@ -235,3 +236,112 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path):
     assert not stale.exists()
     assert live.exists() and all(p.exists() for p in other)
     assert (tmp_path / "chk-4.gguf").read_bytes() == b"new"
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) a NaN or infinite loss, through the command line's main()
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, when", [("nan", "first"), ("nan", "later"), ("inf", "first"), ("inf", "later")])
+def test_nonfinite_loss_stops_with_one_line_and_keeps_latest(trained, monkeypatch, capsys, value, when):
+    """A run resumed at iteration 2 (--save-every 1) gets a non-finite loss from its first batch
+    ("first": nothing saved in this run) or its third ("later": iterations 3 and 4 saved).  Exit 1,
+    one stderr line that names --adam-alpha and the data (no numpy warnings), the LATEST checkpoint
+    and adapter are those of the last good save, and nothing is written for the diverged iteration."""
+    from gguf_finetune import trainer as trainer_mod
+    from gguf_finetune.cli import finetune as cli
+
+    bad_call = 1 if when == "first" else 3
+    last_good = 2 if when == "first" else 4
+    latest_before = {n: (trained / n).read_bytes() for n in ("chk-LATEST.gguf", "lora-LATEST.gguf")}
+    orig = trainer_mod.Trainer.evaluate
+    calls = {"n": 0}
+
+    def evaluate(self):
+        loss, n, lim = orig(self)
+        calls["n"] += 1
+        return (float(value) if calls["n"] == bad_call else loss), n, lim
+
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(_args(10))
+    assert e.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1, err
+    line = err[0]
+    assert f"loss is {value} at iteration {last_good + 1}" in line, line
+    assert "--adam-alpha" in line and "the training data 'train.txt'" in line, line
+    assert "Traceback" not in line and "RuntimeWarning" not in line
+    hp = read_hparams(open_gguf(trained / "m.gguf"))
+    if when == "first":
+        assert f"the checkpoint 'chk-LATEST.gguf' (iteration {last_good}) is kept" in line, line
+        for name, data in latest_before.items():
+            assert (trained / name).read_bytes() == data, name
+    else:
+        assert f"last good checkpoint kept: iteration {last_good} ('chk-LATEST.gguf')" in line, line
+        assert (trained / "chk-LATEST.gguf").read_bytes() == (trained / f"chk-{last_good}.gguf").read_bytes()
+        assert (trained / "lora-LATEST.gguf").read_bytes() == (trained / f"lora-{last_good}.gguf").read_bytes()
+    assert read_checkpoint(trained / "chk-LATEST.gguf", hp).train.iteration == last_good
+    load_adapter(trained / "lora-LATEST.gguf", hp)
+    # nothing for the diverged iteration (or later), and no temporary file
+    for it in range(last_good + 1, 13):
+        assert not (trained / f"chk-{it}.gguf").exists() and not (trained / f"lora-{it}.gguf").exists(), it
+    assert not list(trained.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) Ctrl-C on a real finetune process
+# ------------------------------------------------------------------------------------------------
+def test_ctrl_c_saves_latest_exits_130_and_resumes(tmp_path):
+    """SIGINT to ``python -m gguf_finetune finetune`` once it has done a few iterations (no periodic
+    saves): it finishes the step, saves chk-N/lora-N and the LATEST files, says so in one stderr
+    line, exits 130; the files load and a resumed run continues from iteration N."""
+    import re
+
+    _setup(tmp_path)
+    cmd = [sys.executable, "-m", "gguf_finetune", "finetune", *_args(100000, "--save-every", "0")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    going = threading.Event()
+
+    def watch():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"iter=\s*(\d+)", line)
+            if m and int(m.group(1)) >= 2:
+                going.set()
+        going.set()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        assert going.wait(300), "the run did not get to iteration 2"
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    t.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 130, (proc.returncode, err)
+    err_lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(err_lines) == 1, err
+    m = re.search(r"finetune: interrupted: saved iteration (\d+) \(chk-LATEST.gguf\)$", err_lines[0])
+    assert m, err_lines
+    n = int(m.group(1))
+    assert n >= 3 and f"main: SIGINT received: saving and stopping after iteration {n}" in out
+    hp = read_hparams(open_gguf(tmp_path / "m.gguf"))
+    latest = read_checkpoint(tmp_path / "chk-LATEST.gguf", hp)
+    assert latest.train.iteration == latest.opt.iteration == n
+    assert read_checkpoint(tmp_path / f"chk-{n}.gguf", hp).train.iteration == n
+    load_adapter(tmp_path / "lora-LATEST.gguf", hp)
+    load_adapter(tmp_path / f"lora-{n}.gguf", hp)
+    assert not list(tmp_path.glob(".*.tmp"))
+    r = subprocess.run([sys.executable, "-m", "gguf_finetune", "finetune", *_args(2)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"main: total train_iterations {n}" in r.stdout
+    assert read_checkpoint(tmp_path / "chk-LATEST.gguf", hp).train.iteration == n + 2

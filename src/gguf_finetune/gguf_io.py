@@ -170,6 +170,9 @@ class _Reader(GGUFReader):
         return super()._build_tensors(start_offs, fields)
 
 
+NOT_REGULAR = "not a regular file (a device, FIFO or socket cannot be read as a file)"
+
+
 def check_readable_file(path: str | os.PathLike, what: str) -> Path:
     """Return ``path`` as a Path if it is a readable, non-empty regular file, else raise UserError."""
     p = Path(path)
@@ -177,6 +180,8 @@ def check_readable_file(path: str | os.PathLike, what: str) -> Path:
         raise UserError(f"{what} '{p}': file not found")
     if p.is_dir():
         raise UserError(f"{what} '{p}': is a directory, expected a file")
+    if not p.is_file():
+        raise UserError(f"{what} '{p}': {NOT_REGULAR}")
     if not os.access(p, os.R_OK):
         raise UserError(f"{what} '{p}': permission denied")
     if p.stat().st_size == 0:
@@ -192,6 +197,8 @@ def read_file_bytes(path: str | os.PathLike, what: str) -> bytes:
         raise UserError(f"{what} '{p}': file not found")
     if os.path.isdir(p):
         raise UserError(f"{what} '{p}': is a directory, expected a file")
+    if not os.path.isfile(p):  # a FIFO would block, /dev/zero would never end
+        raise UserError(f"{what} '{p}': {NOT_REGULAR}")
     try:
         with open(p, "rb") as f:
             return f.read()

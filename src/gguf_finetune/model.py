@@ -8,6 +8,7 @@ dequantization into two reused scratch sets.  Results are identical either way.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -117,17 +118,20 @@ def read_hparams(f: GGUFFile, overrides: HParamOverrides | None = None) -> HPara
     freq_base = f.get_float(a + "rope.freq_base", 10000.0)
     freq_scale = 1.0
     scaling_type = f.get_str(a + "rope.scaling.type", "")
-    if scaling_type in ("", "none"):
-        factor = f.get_float(a + "rope.scale_linear", 0.0)  # older key
-        if factor > 0:
-            freq_scale = 1.0 / factor
-    elif scaling_type == "linear":
-        factor = f.get_float(a + "rope.scaling.factor", 0.0)
+    factor_key = a + ("rope.scale_linear" if scaling_type in ("", "none") else "rope.scaling.factor")  # older, newer
+    if scaling_type in ("", "none", "linear"):
+        factor = f.get_float(factor_key, 0.0)
+        if not math.isfinite(factor):
+            raise UserError(f"{f.what} '{f.path}': metadata '{factor_key}' = {factor} is not a finite number")
         if factor > 0:
             freq_scale = 1.0 / factor
     else:
         raise UserError(f"{f.what} '{f.path}': rope scaling type '{scaling_type}' is not supported (supported: linear)")
     eps = f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5)
+    # a NaN, infinite or non-positive value here makes every loss NaN: refuse it at load, naming it
+    for key, val in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", freq_base)):
+        if not (math.isfinite(val) and val > 0):
+            raise UserError(f"{f.what} '{f.path}': metadata '{a}{key}' = {val} is not a positive finite number")
     hp = HParams(
         n_vocab=n_vocab, n_ctx_train=n_ctx, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer,
         n_head=n_head, n_head_kv=n_head_kv, n_rot=n_rot, rope_freq_base=freq_base,
@@ -151,6 +155,17 @@ def check_tensors(f: GGUFFile, hp: HParams) -> None:
         if got != shape:
             raise UserError(f"{f.what} '{f.path}': tensor '{name}' has shape {list(got)}, expected {list(shape)}")
         quants.check_supported(f.tensor_type(name), f"{f.what} '{f.path}': tensor '{name}'")
+
+
+def first_nonfinite_tensor(f: GGUFFile, hp: HParams) -> str | None:
+    """The first tensor of the llama graph holding a NaN or infinity (dequantized one at a time, so
+    memory stays at one tensor), or None.  Used to explain a NaN loss, not at every load."""
+    for name in hp.shapes():
+        t = f.tensor(name)
+        values = np.asarray(t.data) if int(t.tensor_type) == 0 else quants.dequantize(t.data, t.tensor_type)
+        if not np.isfinite(values).all():
+            return name
+    return None
 
 
 @dataclass

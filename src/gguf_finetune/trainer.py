@@ -124,6 +124,17 @@ class StopRequested:
         return False
 
 
+
+class Diverged(UserError):
+    """A non-finite loss: the batch of iteration ``iteration + 1`` gave ``loss``; ``last_save`` is the
+    iteration of the last checkpoint written (the CLI words the message knowing its files)."""
+
+    def __init__(self, loss: float, iteration: int, last_save: int):
+        super().__init__(f"training diverged: loss is {loss} at iteration {iteration + 1}; lower --adam-alpha "
+                         f"or check the training data (last good checkpoint kept: iteration {last_save})")
+        self.loss, self.iteration, self.last_save = loss, iteration, last_save
+
+
 class Trainer:
     """Owns the loop state: LoRA parameters, gradients, optimizer moments, counters.
 
@@ -283,8 +294,7 @@ class Trainer:
 
     def _check_finite(self, f: float, it: int) -> None:
         if not math.isfinite(f):
-            raise UserError(f"training diverged: loss is {f} at iteration {it + 1}; lower --adam-alpha "
-                            f"or check the training data (last good checkpoint kept: iteration {self.last_save})")
+            raise Diverged(f, it, self.last_save)
 
     def _finish(self, it: int, f: float | None, reason: str, t_start: float) -> TrainResult:
         if self.evaluator is not None and reason != "interrupted" and self.last_eval != it:

@@ -19,8 +19,12 @@ def run(argv: list[str], prog: str = "export-lora") -> int | None:
     set_threads(args.n_threads)
     from ..formats.merge import run_export_lora
     from .finetune import check_output_dir
+    from .preflight import Input, Output, check_outputs
 
     check_output_dir(args.output, "--output")  # before the merge work, not after it
+    check_outputs([Output("--output", args.output, words=("",))],
+                  [Input("-m", args.model, "the base model")]
+                  + [Input("--lora", path, "the adapter") for path, _scale in args.adapters])
 
     outtype = args.outtype if "--outtype" in args.given else None
     res = run_export_lora(args.model, list(args.adapters), args.output, outtype, args.n_threads, None)

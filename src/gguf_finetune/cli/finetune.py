@@ -6,6 +6,7 @@ from the parsed flags and prints llama.cpp's start-up lines.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ import numpy as np
 from ..errors import UserError
 from .args import FinetuneArgs, parse_finetune_args
 from .common import keep_freed_memory, run_main, set_threads
+from .preflight import check_memory, check_outputs, check_ranks_fit, finetune_inputs, finetune_outputs, gib
 
 
 def _say(line: str) -> None:
@@ -228,8 +230,8 @@ def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
     if (v.eval_every > 0 or v.save_best) and not (v.val_data or v.val_split > 0):
         flag = "--save-best" if v.save_best else "--eval-every"
         raise UserError(f"{flag} needs validation data: give --val-data FNAME or --val-split F")
-    if v.val_data and not os.path.isfile(v.val_data):
-        raise UserError(f"--val-data '{v.val_data}': file not found")
+    if v.val_data:
+        check_input_file(v.val_data, "--val-data")
     tok, hp = model.tokenizer, model.hparams
     fmt, ds = load_dataset(a, model, a.data.train_data, "train data", prog)
     if fmt == "jsonl":
@@ -297,6 +299,53 @@ def previous_best(a: FinetuneArgs, hp, evaluator, prog: str) -> float | None:
     return loss
 
 
+def check_input_file(path: str, flag: str) -> None:
+    """An input named by a flag must be a regular file (not missing, a folder, a FIFO or a device)."""
+    from ..gguf_io import NOT_REGULAR
+
+    if not os.path.exists(path):
+        raise UserError(f"{flag} '{path}': file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}': is a directory, expected a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} '{path}': {NOT_REGULAR}")
+
+
+def divergence_message(d, a: FinetuneArgs, model, trainer, first_iteration: int, resumed: bool) -> str:
+    """One line for a non-finite loss: where it happened, what may be at fault, what was kept."""
+    from ..model import first_nonfinite_tensor
+
+    o = a.out
+    data = f"the training data '{a.data.train_data}'"
+    loss = "nan" if math.isnan(d.loss) else ("inf" if d.loss > 0 else "-inf")
+    latest = output_name(o.checkpoint_out, o.pattern_fn_it, o.fn_latest)
+    if d.last_save > first_iteration:
+        kept = f"last good checkpoint kept: iteration {d.last_save} ('{latest}')"
+    elif resumed:
+        kept = f"nothing new was saved; the checkpoint '{o.checkpoint_in}' (iteration {first_iteration}) is kept"
+    else:
+        kept = "no checkpoint was saved"
+    if d.iteration == first_iteration:
+        # no update has happened in this run: the learning rate cannot be the cause
+        bad = first_nonfinite_tensor(model.gguf, model.hparams)
+        if bad is not None:
+            return (f"model '{a.model.model_base}': tensor '{bad}' holds non-finite values (NaN or inf), so the loss "
+                    f"is {loss} from the first iteration; {kept}")
+        if not np.all(np.isfinite(trainer.lora.flat)):
+            return (f"checkpoint '{o.checkpoint_in}': its LoRA weights hold non-finite values (NaN or inf), so the "
+                    f"loss is {loss}; resume from an earlier checkpoint, with a lower --adam-alpha; {kept}")
+        if resumed:
+            return (f"training diverged: loss is {loss} at iteration {d.iteration + 1}, the first of this run: the "
+                    f"checkpoint '{o.checkpoint_in}', the model '{a.model.model_base}' or {data} may be at fault "
+                    f"(if the earlier run diverged, resume from an earlier checkpoint with a lower --adam-alpha); "
+                    f"{kept}")
+        return (f"training diverged: loss is {loss} at the first iteration, before any update: the model "
+                f"'{a.model.model_base}' or {data} may be at fault (--adam-alpha is not: nothing was learned yet); "
+                f"{kept}")
+    return (f"training diverged: loss is {loss} at iteration {d.iteration + 1}; lower --adam-alpha or check {data} "
+            f"({kept})")
+
+
 def run(argv: list[str], prog: str = "finetune") -> int | None:
     a = parse_finetune_args(argv, prog)
     set_threads(a.run.n_threads)
@@ -304,11 +353,11 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     if "--n-gpu-layers" in a.given:
         print(f"{prog}: note: -ngl/--n-gpu-layers has no effect: this engine runs on the CPU", file=sys.stderr)
     from ..data.text import ShuffleState
-    from ..engine.lora import init_lora
+    from ..engine.lora import LoraLayout, init_lora, make_specs
     from ..formats.checkpoint import OptimizerState, TrainState, read_checkpoint
     from ..model import HParamOverrides, load_model
     from ..report import LlamaLog, MetricsFile, ProgressBar
-    from ..trainer import Trainer, TrainConfig
+    from ..trainer import Diverged, Trainer, TrainConfig
 
     o = a.out
     fmt = lora_format(a)
@@ -316,9 +365,9 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     if not o.only_write_lora:
         check_output_dir(o.checkpoint_out, "--checkpoint-out")
         check_output_dir(o.metrics_path, "--metrics-out")
-        if not os.path.isfile(a.data.train_data):
-            what = "is a directory, expected a file" if os.path.isdir(a.data.train_data) else "file not found"
-            raise UserError(f"--train-data '{a.data.train_data}': {what}")
+        check_input_file(a.data.train_data, "--train-data")
+        if a.val.val_data:
+            check_input_file(a.val.val_data, "--val-data")
     if not a.model.model_base:
         raise UserError("--model-base: no model given")
     budget = 0 if a.run.low_memory else a.run.memory_budget
@@ -330,9 +379,6 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     seed = a.run.seed if a.run.seed >= 0 else int(time.time()) & 0xFFFFFFFF
     _say(f"main: seed: {seed}")
     _say(f"main: model base = '{a.model.model_base}'")
-    if a.run.n_ctx > hp.n_ctx_train:
-        print(f"{prog}: warning: --ctx {a.run.n_ctx} is above the model's training context {hp.n_ctx_train}",
-              file=sys.stderr)
 
     ckpt = None
     if Path(o.checkpoint_in).exists():
@@ -342,6 +388,14 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
         if o.only_write_lora:
             raise UserError(f"--checkpoint-in '{o.checkpoint_in}': file not found (needed by --only-write-lora)")
     ranks = resolve_ranks(a, hp, ckpt)
+    if ckpt is None:
+        check_ranks_fit(a, hp, ranks, a.model.model_base)
+    # nothing this run writes may replace an input or another output (before anything is written)
+    check_outputs(finetune_outputs(a, ckpt.train.iteration if ckpt is not None else 0), finetune_inputs(a))
+    estimate = None
+    if a.opt.adam_iter > 0 and not o.only_write_lora:  # before the adapter and optimizer state are allocated
+        estimate = check_memory(a, hp, ckpt.lora.layout.size if ckpt is not None
+                                else LoraLayout(make_specs(hp, ranks)).size)
     print_params(hp, a, ranks)
     if ckpt is not None:
         lora, opt, train = ckpt.lora, ckpt.opt, ckpt.train
@@ -363,6 +417,10 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
         saver.write_lora(p, lora)
         return 0
 
+    if a.run.n_ctx > hp.n_ctx_train:  # (after the checks above: a refused run prints only its error)
+        print(f"{prog}: warning: --ctx {a.run.n_ctx} is above the model's training context {hp.n_ctx_train}",
+              file=sys.stderr)
+
     saved = None
     if ckpt is not None:
         t = ckpt.train
@@ -375,7 +433,8 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
 
         evaluator = Evaluator(model.weights, hp, eval_batches, flash=a.run.use_flash)
         if a.val.save_best and ckpt is not None:
-            best_loss = previous_best(a, hp, evaluator, prog)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                best_loss = previous_best(a, hp, evaluator, prog)
     cfg = TrainConfig(n_ctx=a.run.n_ctx, n_batch=a.run.n_batch, grad_acc=a.run.grad_acc, save_every=o.save_every,
                       epochs=a.opt.epochs, checkpointing=a.run.use_checkpointing, flash=a.run.use_flash,
                       adam=a.opt.adamw_config())
@@ -389,7 +448,19 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     trainer = Trainer(model.weights, hp, lora, opt, train, batches, cfg, callbacks, save=saver,
                       evaluator=evaluator, eval_every=a.val.eval_every,
                       save_best=saver.save_best if a.val.save_best else None, best_loss=best_loss)
-    result = trainer.run()
+    first_iteration = train.iteration
+    try:
+        # a non-finite loss is detected and reported below: numpy's overflow/invalid warnings on the
+        # way there would only be noise in front of that one line
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            result = trainer.run()
+    except Diverged as d:
+        raise UserError(divergence_message(d, a, model, trainer, first_iteration, ckpt is not None)) from None
+    except MemoryError:
+        # the estimate checked above is on the low side: say which flags set the size of a step
+        guess = f" (estimated at least {gib(estimate.total)})" if estimate is not None else ""
+        raise UserError(f"out of memory during training with --ctx {a.run.n_ctx} x --batch {a.run.n_batch}{guess}; "
+                        f"lower --ctx or --batch") from None
     if result.reason == "interrupted":
         print(f"{prog}: interrupted: saved iteration {result.iteration} "
               f"({output_name(o.checkpoint_out, o.pattern_fn_it, o.fn_latest)})", file=sys.stderr)

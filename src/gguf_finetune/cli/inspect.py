@@ -98,6 +98,25 @@ def _tensor_types(f: GGUFFile, names) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def _unsupported_types(f: GGUFFile) -> list[str]:
+    """Tensor types in the file that the engine cannot compute with (names as in tensor_types)."""
+    from gguf import GGMLQuantizationType
+
+    from ..quants import SUPPORTED
+
+    out = set()
+    for t in f.tensors.values():
+        raw = int(t.tensor_type)
+        try:
+            qt = GGMLQuantizationType(raw)
+        except ValueError:
+            out.add(f"type {raw}")
+            continue
+        if qt not in SUPPORTED:
+            out.add(qt.name.lower())
+    return sorted(out)
+
+
 def _n_elements(f: GGUFFile, names) -> int:
     return sum(int(f.tensors[n].n_elements) for n in names)
 
@@ -148,7 +167,8 @@ def _describe_model(f: GGUFFile) -> dict[str, Any]:
 
     info = _common(f, "model")
     arch = info["architecture"] or ""
-    info["trainable"] = arch in SUPPORTED_ARCHS
+    info["unsupported_tensor_types"] = _unsupported_types(f)
+    info["trainable"] = arch in SUPPORTED_ARCHS and not info["unsupported_tensor_types"]
     info["parameters"] = _n_elements(f, f.tensors)
     info["hparams"] = _hparams(f, arch, checkpoint=False)
     info["tied_embeddings"] = "token_embd.weight" in f.tensors and "output.weight" not in f.tensors
@@ -359,7 +379,10 @@ def render(info: dict[str, Any]) -> str:
     if kind == "model":
         rows.append(("tied embeddings", "yes (no output.weight: the output head is token_embd)"
                      if info["tied_embeddings"] else "no"))
-    rows.append(("tensor types", ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())))
+    types = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
+    if info.get("unsupported_tensor_types"):
+        types += f" ({', '.join(info['unsupported_tensor_types'])}: not supported for training here)"
+    rows.append(("tensor types", types))
     if kind == "model":
         tok = info["tokenizer"]
         if tok is None:

@@ -180,7 +180,20 @@ def read_jsonl(path: str | os.PathLike, what: str = "train data") -> list[Record
     records = parse_jsonl(read_file_bytes(p, what), p, what)
     if not records:
         raise UserError(f"{what} '{p}': no records (the file is empty or has only blank lines)")
+    if all(is_blank(r) for r in records):
+        # (plain text of only whitespace is refused too: there is nothing to learn but an EOS)
+        raise UserError(f"{what} '{p}': all {len(records)} records are empty (no text in any 'text', 'prompt', "
+                        f"'completion' or message content): nothing to train on")
     return records
+
+
+def is_blank(rec: Record) -> bool:
+    """Whether a record holds no text at all (only whitespace)."""
+    if rec.kind == "text":
+        return not rec.text.strip()
+    if rec.kind == "prompt_completion":
+        return not (rec.prompt + rec.completion).strip()
+    return not any(str(m.get("content", "")).strip() for m in rec.messages)
 
 
 def count_kinds(records: list[Record]) -> dict[str, int]:
@@ -190,4 +203,5 @@ def count_kinds(records: list[Record]) -> dict[str, int]:
     return out
 
 
-__all__ = ["KINDS", "Record", "SHAREGPT_ROLES", "count_kinds", "parse_jsonl", "parse_record", "read_jsonl"]
+__all__ = ["KINDS", "Record", "SHAREGPT_ROLES", "count_kinds", "is_blank", "parse_jsonl", "parse_record",
+           "read_jsonl"]

@@ -155,9 +155,12 @@ def read_lora(f: GGUFFile, hp: HParams | None = None, dtype=np.float32) -> tuple
             name = s.name + suffix
             t = f.tensor(name)
             got = f.tensor_shape(name)
-            if int(np.prod(got)) != int(np.prod(shape)) or int(t.tensor_type) != 0:
+            if int(np.prod(got)) != int(np.prod(shape)):
                 raise UserError(f"checkpoint '{f.path}': tensor '{name}' has shape {list(got)}, "
-                                f"expected {list(shape)} f32 for this model")
+                                f"expected {list(shape)} for this model")
+            if int(t.tensor_type) != 0:
+                raise UserError(f"checkpoint '{f.path}': tensor '{name}' has type {_type_name(t.tensor_type)}, "
+                                f"expected F32 (LoRA tensors of a training checkpoint are F32)")
             view[...] = np.asarray(t.data, dtype=np.float32).reshape(shape)
     return ranks, p
 
@@ -180,8 +183,32 @@ def check_matches_model(f: GGUFFile, hp: HParams) -> None:
                             f"the model has {hp.n_vocab}")
 
 
+def _type_name(t) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(int(t)).name
+    except ValueError:
+        return f"{int(t)} (unknown)"
+
+
+def check_is_checkpoint(f: GGUFFile) -> None:
+    """Refuse a GGUF file that is not a training checkpoint, saying what it seems to be."""
+    if f.has("training.type"):
+        return
+    if f.get_str("general.type", "") == "adapter" or any(n.endswith(".lora_a") for n in f.tensors):
+        raise UserError(f"checkpoint '{f.path}': not a training checkpoint but a LoRA adapter (no optimizer state "
+                        f"to resume from); give a checkpoint (--checkpoint-out's file), or merge the adapter with "
+                        f"export-lora")
+    if "token_embd.weight" in f.tensors:
+        raise UserError(f"checkpoint '{f.path}': not a training checkpoint but a model (no training.type key); "
+                        f"a model is given with --model-base")
+    raise UserError(f"checkpoint '{f.path}': not a training checkpoint (no training.type key)")
+
+
 def read_checkpoint(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float32) -> Checkpoint:
     f = GGUFFile(path, "checkpoint")
+    check_is_checkpoint(f)
     if hp is not None:
         check_matches_model(f, hp)
     ranks, lora = read_lora(f, hp, dtype)

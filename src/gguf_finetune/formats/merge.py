@@ -152,9 +152,17 @@ def _copy_range(fd_in: int, offset: int, n: int, fout) -> None:
             fout.write(data)
             fout.flush()
         if got <= 0:
-            raise UserError("export-lora: the base model file is shorter than its header says")
+            raise UserError(f"model '{_path_of(fd_in)}': the file is shorter than its header says")
         done += got
     fout.seek(0, os.SEEK_END)
+
+
+def _path_of(fd: int) -> str:
+    """The path of an open file (for a message), as the system knows it."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"<fd {fd}>"
 
 
 def _encode(w: np.ndarray, qtype: QT) -> bytes:
@@ -185,7 +193,7 @@ def _merge_tensor(fd: int, p: _Plan, lora: LoraParams, delta_name: str | None, f
         r1 = min(rows, r0 + step)
         raw = os.pread(fd, (r1 - r0) * row_bytes, int(t.data_offset) + r0 * row_bytes)
         if len(raw) != (r1 - r0) * row_bytes:
-            raise UserError(f"export-lora: the base model file is truncated in tensor '{t.name}'")
+            raise UserError(f"model '{_path_of(fd)}': the file is truncated in tensor '{t.name}'")
         w = quants.dequantize(np.frombuffer(raw, np.uint8).reshape(r1 - r0, row_bytes), base_type)  # [n, cols]
         if ab is not None:
             w += bs[r0:r1] @ aT
@@ -211,9 +219,9 @@ def merge_adapters(model: str | os.PathLike, adapters: Sequence[tuple[str | os.P
     if outtype is not None and outtype not in OUTTYPES:
         raise UserError(f"--outtype: unknown type '{outtype}' (choose from {', '.join(OUTTYPES)})")
     if not adapters:
-        raise UserError("export-lora: give at least one adapter (--lora FNAME or --lora-scaled FNAME S)")
+        raise UserError("--lora: give at least one adapter (--lora FNAME or --lora-scaled FNAME S)")
     if Path(output).resolve() == Path(model).resolve():
-        raise UserError(f"export-lora: the output '{output}' is the base model file")
+        raise UserError(f"--output '{output}': is the base model file (-m); give the output another name")
     f = open_gguf(model, "model")
     if f.has("split.count") and f.get_int("split.count", 1) > 1:
         raise UserError(f"model '{f.path}': split models are not supported; merge the splits first (llama-gguf-split --merge)")
@@ -228,7 +236,8 @@ def merge_adapters(model: str | os.PathLike, adapters: Sequence[tuple[str | os.P
     adapted = {s.name for s in lora.layout.specs}
     missing = [n for n in adapted if n not in f.tensors and not (n == "output.weight" and hp.tied_embeddings)]
     if missing:
-        raise UserError(f"export-lora: the adapters change tensors the model does not have: {', '.join(sorted(missing))}")
+        raise UserError(f"--lora: the adapters change tensors the model '{f.path}' does not have: "
+                        f"{', '.join(sorted(missing))}")
 
     warnings: list[str] = []
     plans: list[tuple[_Plan, str | None]] = []  # (plan, adapter tensor whose delta is added)
