@@ -1,10 +1,12 @@
-"""Shared test fixtures: paths to ../shared and to the embedded SmolLM2 model, a megabyte of text."""
+"""Shared test fixtures: paths to ../shared and to the embedded SmolLM2 model, a megabyte of text, a
+folder with the tiny synthetic model and its training text (tests/tiny.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from tiny import make_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -41,3 +43,11 @@ def megabyte_text(shared) -> str:
     itself is measured by scripts/bench_tokenizer.py, not by tests)."""
     text = (shared / "data" / "shakespeare.txt").read_text(encoding="utf-8")
     return (text * (1_000_000 // len(text) + 1))[:1_000_000]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    """tmp_path with tests/tiny.py's m.gguf and train.txt, as the current directory."""
+    make_run_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -41,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from tiny import TEXT
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO.parent / "shared" / "fixtures" / "llamacpp-tiny"
@@ -63,9 +64,6 @@ def _load_fuzz():
 
 
 fuzz = _load_fuzz()
-
-TEXT = "".join(f"<s>the {w} sat on the mat and ate a {w} near the tree {i}\n"
-               for i, w in enumerate(["cat", "dog", "rat", "hen", "fox", "owl", "ant", "bee"] * 6))
 
 
 # ------------------------------------------------------------------------------------------------

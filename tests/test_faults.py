@@ -27,11 +27,9 @@ from gguf_finetune.formats.checkpoint import read_checkpoint
 from gguf_finetune.formats.load import load_adapter
 from gguf_finetune.gguf_io import open_gguf
 from gguf_finetune.model import read_hparams
-from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
+from gguf_finetune.synthetic import write_synthetic_model
+from tiny import SPEC, make_run_dir
 
-TEXT = "".join(f"<s>the {w} sat on the mat and ate a {w} near the tree {i}\n"
-               for i, w in enumerate(["cat", "dog", "rat", "hen", "fox", "owl", "ant", "bee"] * 6))
-SPEC = SyntheticSpec(n_vocab=400, n_embd=32, n_ff=64, n_layer=2, n_head=4, n_head_kv=2, seed=1)
 
 
 def _args(iters: int, *extra: str) -> list[str]:
@@ -43,9 +41,7 @@ def _args(iters: int, *extra: str) -> list[str]:
 
 
 def _setup(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_synthetic_model(folder / "m.gguf", SPEC)
-    (folder / "train.txt").write_text(TEXT)
+    make_run_dir(folder)
 
 
 def _finals(folder: Path, prefix: str) -> list[Path]:

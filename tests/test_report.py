@@ -13,10 +13,8 @@ import sys
 import pytest
 
 from gguf_finetune.cli.finetune import run
-from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
+from tiny import TEXT
 
-TEXT = "".join(f"<s>the {w} sat on the mat and ate a {w} near the tree {i}\n"
-               for i, w in enumerate(["cat", "dog", "rat", "hen", "fox", "owl", "ant", "bee"] * 6))
 
 # the lines llama.cpp's finetune prints that we print too (run2.log also has input_size, compute_size,
 # evaluation order and work_size, which describe ggml's buffers, and the model loader's lines)
@@ -44,15 +42,6 @@ def shape(line: str) -> str:
 
 def kept(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith(PREFIXES)]
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    write_synthetic_model(tmp_path / "m.gguf", SyntheticSpec(n_vocab=400, n_embd=32, n_ff=64, n_layer=2,
-                                                             n_head=4, n_head_kv=2, seed=1))
-    (tmp_path / "train.txt").write_text(TEXT)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def argv_like_fixture(shared, iters: int) -> list[str]:

@@ -16,19 +16,8 @@ from gguf_finetune.cli.finetune import run
 from gguf_finetune.formats.checkpoint import read_checkpoint
 from gguf_finetune.gguf_io import open_gguf
 from gguf_finetune.model import read_hparams
-from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
+from tiny import TEXT
 
-TEXT = "".join(f"<s>the {w} sat on the mat and ate a {w} near the tree {i}\n"
-               for i, w in enumerate(["cat", "dog", "rat", "hen", "fox", "owl", "ant", "bee"] * 6))
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    write_synthetic_model(tmp_path / "m.gguf", SyntheticSpec(n_vocab=400, n_embd=32, n_ff=64, n_layer=2,
-                                                             n_head=4, n_head_kv=2, seed=1))
-    (tmp_path / "train.txt").write_text(TEXT)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def finetune(*extra: str, iters: int, capsys=None) -> str:
