@@ -91,7 +91,8 @@ def main() -> None:
     keep_freed_memory()  # as finetune does
     path = args.model or default_model()
     t0 = time.perf_counter()
-    model = load_model(path, memory_budget=0 if args.low_memory else None, with_tokenizer=True, cache_head=False)
+    model = load_model(path, memory_budget=0 if args.low_memory else None, with_tokenizer=True,
+                       cache_head=args.no_checkpointing)  # as finetune chooses
     t_load = time.perf_counter() - t0
     hp = model.hparams
     lora = init_lora(hp, LoraRanks.uniform(args.lora_r), alpha=args.lora_r, seed=1)
