@@ -53,6 +53,7 @@ def test_resume_llamacpp_checkpoint_reproduces_run2(run_dir, monkeypatch, capsys
         assert it in ours, f"no line for iteration {it} in:\n{out}"
         assert ours[it][0] == pytest.approx(ref[it][0], abs=1e-6), f"sched at {it}"
         assert abs(ours[it][1] - ref[it][1]) <= 2e-3, f"iteration {it}: ours {ours[it][1]} llama.cpp {ref[it][1]}"
+    print(f"\nlosses 5-10: max |ours - llama.cpp| = {max(abs(ours[i][1] - ref[i][1]) for i in range(5, 11)):.2e}")
     # the files llama.cpp's run wrote, under the same names
     for name in ("chk-tiny-6.gguf", "chk-tiny-8.gguf", "chk-tiny-10.gguf", "chk-tiny-LATEST.gguf",
                  "lora-tiny-10.bin", "lora-tiny-LATEST.bin"):
@@ -63,10 +64,13 @@ def test_resume_llamacpp_checkpoint_reproduces_run2(run_dir, monkeypatch, capsys
     assert mine.train.iteration == theirs.train.iteration == 10
     assert mine.train.shuffle_next_sample == theirs.train.shuffle_next_sample
     assert mine.train.shuffle_rng_state == theirs.train.shuffle_rng_state
+    worst = 0.0
     for s in theirs.lora.layout.specs:
         for ours_t, ref_t in ((mine.lora.a[s.name], theirs.lora.a[s.name]), (mine.lora.b[s.name], theirs.lora.b[s.name])):
             rel = np.linalg.norm(ours_t - ref_t) / np.linalg.norm(ref_t)
             assert rel <= 1e-3, f"{s.name}: relative difference {rel:.2e}"
+            worst = max(worst, rel)
+    print(f"LoRA tensors at iteration 10: worst relative (Frobenius) difference {worst:.2e}")
     for ours_m, ref_m in ((mine.opt.m, theirs.opt.m), (mine.opt.v, theirs.opt.v)):
         assert np.linalg.norm(ours_m - ref_m) <= 1e-3 * np.linalg.norm(ref_m)
     # the legacy .bin adapter: llama.cpp's header, layout and size, the same values to rounding
