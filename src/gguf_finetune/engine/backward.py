@@ -3,9 +3,9 @@
 Loss = inv_norm · Σ_i w_i · nll_i over the B·T positions (w = per-token weight/mask).
 With gradient checkpointing only each block's input [N, C] is kept; backward recomputes the
 block's forward (keeping its cache, skipping its output) right before running its backward.  The
-last block keeps its cache from the first pass: its backward follows the head directly.  Gradients accumulate
-(+=) into ``grads`` (same layout as the LoRA parameters), so gradient accumulation over several
-batches is simply several calls.
+last block keeps its cache from the first pass: its backward follows the head directly.
+Gradients accumulate (+=) into ``grads`` (same layout as the LoRA parameters), so gradient
+accumulation over several batches is simply several calls.
 """
 
 from __future__ import annotations

@@ -495,7 +495,7 @@ def _lora_wide_bwd(dy, u, bT, s, dbT, dyb_part):  # pragma: no cover - compiled
     for c in prange(dyb_part.shape[0]):
         j0 = c * LORA_COLS
         m = min(n_out, j0 + LORA_COLS) - j0
-        acc = np.zeros((r, m), dtype=dy.dtype)  # [r, m] this chunk's sᵀ-less db
+        acc = np.zeros((r, m), dtype=dy.dtype)  # [r, m] this chunk's uᵀ·dy (dbᵀ before the scale s)
         n = 0
         while n < N:
             nb = min(4, N - n)
