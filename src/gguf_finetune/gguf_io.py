@@ -173,15 +173,21 @@ class _Reader(GGUFReader):
 NOT_REGULAR = "not a regular file (a device, FIFO or socket cannot be read as a file)"
 
 
+def check_regular_file(path: str | os.PathLike, what: str) -> None:
+    """Raise a UserError naming ``what`` unless ``path`` is a regular file (not missing, a folder, a
+    FIFO or a device: a FIFO would block a reader, /dev/zero would never end)."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} '{os.fspath(path)}': file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{what} '{os.fspath(path)}': is a directory, expected a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{os.fspath(path)}': {NOT_REGULAR}")
+
+
 def check_readable_file(path: str | os.PathLike, what: str) -> Path:
     """Return ``path`` as a Path if it is a readable, non-empty regular file, else raise UserError."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} '{p}': file not found")
-    if p.is_dir():
-        raise UserError(f"{what} '{p}': is a directory, expected a file")
-    if not p.is_file():
-        raise UserError(f"{what} '{p}': {NOT_REGULAR}")
+    check_regular_file(p, what)
     if not os.access(p, os.R_OK):
         raise UserError(f"{what} '{p}': permission denied")
     if p.stat().st_size == 0:
@@ -193,12 +199,7 @@ def read_file_bytes(path: str | os.PathLike, what: str) -> bytes:
     """The whole file at ``path``; a missing path, a directory or a read error is a UserError
     naming ``what`` (an empty file is the caller's to judge)."""
     p = os.fspath(path)
-    if not os.path.exists(p):
-        raise UserError(f"{what} '{p}': file not found")
-    if os.path.isdir(p):
-        raise UserError(f"{what} '{p}': is a directory, expected a file")
-    if not os.path.isfile(p):  # a FIFO would block, /dev/zero would never end
-        raise UserError(f"{what} '{p}': {NOT_REGULAR}")
+    check_regular_file(p, what)
     try:
         with open(p, "rb") as f:
             return f.read()

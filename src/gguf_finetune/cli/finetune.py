@@ -230,8 +230,6 @@ def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
     if (v.eval_every > 0 or v.save_best) and not (v.val_data or v.val_split > 0):
         flag = "--save-best" if v.save_best else "--eval-every"
         raise UserError(f"{flag} needs validation data: give --val-data FNAME or --val-split F")
-    if v.val_data:
-        check_input_file(v.val_data, "--val-data")
     tok, hp = model.tokenizer, model.hparams
     fmt, ds = load_dataset(a, model, a.data.train_data, "train data", prog)
     if fmt == "jsonl":
@@ -299,18 +297,6 @@ def previous_best(a: FinetuneArgs, hp, evaluator, prog: str) -> float | None:
     return loss
 
 
-def check_input_file(path: str, flag: str) -> None:
-    """An input named by a flag must be a regular file (not missing, a folder, a FIFO or a device)."""
-    from ..gguf_io import NOT_REGULAR
-
-    if not os.path.exists(path):
-        raise UserError(f"{flag} '{path}': file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} '{path}': is a directory, expected a file")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} '{path}': {NOT_REGULAR}")
-
-
 def divergence_message(d, a: FinetuneArgs, model, trainer, first_iteration: int, resumed: bool) -> str:
     """One line for a non-finite loss: where it happened, what may be at fault, what was kept."""
     from ..model import first_nonfinite_tensor
@@ -355,6 +341,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     from ..data.text import ShuffleState
     from ..engine.lora import LoraLayout, init_lora, make_specs
     from ..formats.checkpoint import OptimizerState, TrainState, read_checkpoint
+    from ..gguf_io import check_regular_file
     from ..model import HParamOverrides, load_model
     from ..report import LlamaLog, MetricsFile, ProgressBar
     from ..trainer import Diverged, Trainer, TrainConfig
@@ -365,9 +352,9 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     if not o.only_write_lora:
         check_output_dir(o.checkpoint_out, "--checkpoint-out")
         check_output_dir(o.metrics_path, "--metrics-out")
-        check_input_file(a.data.train_data, "--train-data")
+        check_regular_file(a.data.train_data, "--train-data")
         if a.val.val_data:
-            check_input_file(a.val.val_data, "--val-data")
+            check_regular_file(a.val.val_data, "--val-data")
     if not a.model.model_base:
         raise UserError("--model-base: no model given")
     budget = 0 if a.run.low_memory else a.run.memory_budget
