@@ -10,9 +10,10 @@ one or two ``@njit`` kernels.  Conventions:
   returns the input gradients;
 * every result is deterministic run to run: a ``prange`` iteration writes only its own output
   slots, and every sum has a fixed order;
-* ``parallel=True`` only where it pays: attention, SwiGLU and cross-entropy.  RMSNorm and RoPE
-  are serial: they are memory-bound, take ~0.1-0.3 ms at SmolLM2 size, and each parallel kernel
-  adds ~2 s of first-run compilation per dtype;
+* ``parallel=True`` only where it pays: attention, SwiGLU and cross-entropy.  RMSNorm, RoPE and
+  the LoRA terms of the layers are serial: they are memory-bound, take ~0.02-0.3 ms at SmolLM2
+  size, waking numba's sleeping workers costs ~40 µs per call, and each parallel kernel adds ~2 s
+  of first-run compilation per dtype;
 * the big products of the materialized attention are numpy batched matmuls (BLAS).
 
 Shapes: N rows (tokens) of C channels, F = n_ff, B sequences of T tokens, Hq/Hkv query/KV heads
@@ -398,47 +399,87 @@ def from_heads(x, out=None):
 
 # == 2b. LoRA low-rank update =====================================================================
 
-@njit(cache=True, parallel=True, fastmath={"contract"})
-def _lora_add(y, us, bT):  # pragma: no cover - compiled
-    # y [N, n_out] += us [N, r] · bT [r, n_out], one pass over y (rows in parallel)
-    N, n_out = y.shape
+LORA_ADD_PARALLEL = 1 << 20  # lora_add uses both threads from this many elements of y (logit chunks)
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _lora_add_row(yr, us, n, s, bT):  # pragma: no cover - compiled
+    # yr [n_out] += Σ_k s·us[n, k]·bT[k], four ranks per pass: one load and one store of y per
+    # four products (the pass over y is the whole cost: y is the big operand, r a few columns)
     r = us.shape[1]
-    for n in prange(N):
-        for k in range(r):
-            c = us[n, k]
-            for j in range(n_out):
-                y[n, j] += c * bT[k, j]
+    m = yr.shape[0]
+    k = 0
+    while k + 4 <= r:
+        c0, c1, c2, c3 = s * us[n, k], s * us[n, k + 1], s * us[n, k + 2], s * us[n, k + 3]
+        b0, b1, b2, b3 = bT[k], bT[k + 1], bT[k + 2], bT[k + 3]
+        for j in range(m):
+            yr[j] += ((c0 * b0[j] + c1 * b1[j]) + c2 * b2[j]) + c3 * b3[j]
+        k += 4
+    while k < r:
+        c0 = s * us[n, k]
+        b0 = bT[k]
+        for j in range(m):
+            yr[j] += c0 * b0[j]
+        k += 1
+
+
+@njit(cache=True, fastmath={"contract"})
+def _lora_add(y, us, bT):  # pragma: no cover - compiled
+    # y [N, n_out] += us [N, r] · bT [r, n_out], one pass over y, on the calling thread
+    one = y.dtype.type(1)
+    for n in range(y.shape[0]):
+        _lora_add_row(y[n], us, n, one, bT)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def _lora_add_par(y, us, bT):  # pragma: no cover - compiled
+    # _lora_add with rows in parallel, for a y of millions of elements (the logits)
+    one = y.dtype.type(1)
+    for n in prange(y.shape[0]):
+        _lora_add_row(y[n], us, n, one, bT)
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"}, inline="always")
 def _lora_u_row(x, n, aT, u):  # pragma: no cover - compiled
-    # u[n] = x[n]·a: the same code wherever u is computed (forward, or its recomputation), bit for bit
-    n_in = x.shape[1]
-    for k in range(aT.shape[0]):
-        acc = x.dtype.type(0)
-        for i in range(n_in):
-            acc += x[n, i] * aT[k, i]
-        u[n, k] = acc
+    # u[n] = x[n]·a, four ranks per pass over x[n]: the same code wherever u is computed (forward,
+    # or its recomputation), bit for bit
+    xr = x[n]
+    r = aT.shape[0]
+    m = xr.shape[0]
+    zero = x.dtype.type(0)
+    k = 0
+    while k + 4 <= r:
+        a0, a1, a2, a3 = aT[k], aT[k + 1], aT[k + 2], aT[k + 3]
+        s0 = s1 = s2 = s3 = zero
+        for i in range(m):
+            xi = xr[i]
+            s0 += xi * a0[i]
+            s1 += xi * a1[i]
+            s2 += xi * a2[i]
+            s3 += xi * a3[i]
+        u[n, k], u[n, k + 1], u[n, k + 2], u[n, k + 3] = s0, s1, s2, s3
+        k += 4
+    while k < r:
+        a0 = aT[k]
+        s0 = zero
+        for i in range(m):
+            s0 += xr[i] * a0[i]
+        u[n, k] = s0
+        k += 1
 
 
-@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+@njit(cache=True, fastmath={"contract", "reassoc"})
 def _lora_fwd(x, aT, bT, s, y, u):  # pragma: no cover - compiled
     # x [N, n_in], aT [r, n_in], bT [r, n_out]: u = x·a [N, r]; y [N, n_out] += s·u·bᵀ.  Rows are
     # independent, so both products run in one pass per row with no BLAS call and no temporary.
-    N = x.shape[0]
-    r = aT.shape[0]
-    n_out = y.shape[1]
-    for n in prange(N):
+    # On the calling thread: at these sizes (tens of µs) waking the workers costs more than it saves.
+    for n in range(x.shape[0]):
         _lora_u_row(x, n, aT, u)
-        for k in range(r):
-            c = s * u[n, k]
-            for j in range(n_out):
-                y[n, j] += c * bT[k, j]
+        _lora_add_row(y[n], u, n, s, bT)
 
 
-@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+@njit(cache=True, fastmath={"contract", "reassoc"})
 def _lora_u(x, aT, u):  # pragma: no cover - compiled
-    for n in prange(x.shape[0]):
+    for n in range(x.shape[0]):
         _lora_u_row(x, n, aT, u)
 
 
@@ -478,7 +519,8 @@ def lora_add(y, us, b) -> None:
         raise ValueError(f"lora_add: y {y.shape}, us {us.shape}, b {b.shape} do not fit")
     if us.dtype != y.dtype or b.dtype != y.dtype:
         raise ValueError("lora_add: y, us and b must have the same dtype")
-    _lora_add(y, np.ascontiguousarray(us), np.ascontiguousarray(b.T))
+    kernel = _lora_add_par if y.size >= LORA_ADD_PARALLEL else _lora_add
+    kernel(y, np.ascontiguousarray(us), np.ascontiguousarray(b.T))
 
 
 LORA_COLS = 1024  # columns per work item of lora_wide_backward: a fixed split, so sums do not depend on threads
