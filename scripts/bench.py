@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--no-flash", action="store_true")
     ap.add_argument("--low-memory", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--json", action="store_true", help="also print the results as one JSON line (scripts/bench_series.py)")
     args = ap.parse_args()
 
     from gguf_finetune.cli.common import keep_freed_memory, set_threads
@@ -88,6 +90,9 @@ def main() -> None:
     from gguf_finetune.optim import AdamWConfig, adamw_step
 
     set_threads(args.threads)
+    # sgemm peak before the model loads (its buffers go back to the OS, so it does not add to peak
+    # RSS) and again after the steps: the better of the two, since the host's speed drifts
+    peak_before = sgemm_peak()
     keep_freed_memory()  # as finetune does
     path = args.model or default_model()
     t0 = time.perf_counter()
@@ -129,7 +134,7 @@ def main() -> None:
     tok_s = B * T / dt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
     flops = step_matmul_flops(hp, lora, B, T, ckpt)
-    peak = sgemm_peak()
+    peak = max(peak_before, sgemm_peak())
     mode = ("checkpointing" if ckpt else "no checkpointing") + (", low-memory" if args.low_memory else "") + \
         ("" if flash else ", no flash")
     row = (f"| {Path(path).name} | {mode} | {T} | {B} | {args.threads} | {tok_s:.1f} | {rss:.0f} | "
@@ -141,6 +146,11 @@ def main() -> None:
           f"matmul {flops / dt / 1e9:.1f} GFLOP/s of sgemm peak {peak / 1e9:.0f} GFLOP/s "
           f"(MFU {100 * flops / dt / peak:.0f}%), f32 weight cache {model.weights.cached_bytes / 2**20:.0f} MB")
     print(row)
+    if args.json:
+        print(json.dumps({"model": Path(path).name, "mode": mode, "ctx": T, "batch": B, "threads": args.threads,
+                          "tokens_per_s": round(tok_s, 1), "step_ms": [round(t * 1000, 1) for t in times],
+                          "peak_rss_mb": round(rss), "matmul_gflops": round(flops / dt / 1e9, 1),
+                          "sgemm_peak_gflops": round(peak / 1e9), "loss": loss}))
     if args.write_docs:
         update_docs(row, " ".join(shlex.quote(a) for a in ["python", "scripts/bench.py"] + sys.argv[1:]))
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""A series of scripts/bench.py runs: each mode in its own process, the modes interleaved.
+
+    python scripts/bench_series.py                       # 5 runs of each mode, 4 steps per run
+    python scripts/bench_series.py --runs 3 --modes no-checkpointing
+    python scripts/bench_series.py --write-docs          # also add the series to docs/PERFORMANCE.md
+
+The host of a small VM drifts by tens of percent over minutes, so one process says little: this
+runs `bench.py --steps S [flag]` for run 1 of every mode, then run 2 of every mode, and so on (a
+slow moment hits every mode alike), and prints each run's tokens/s, the median per mode and the
+peak RSS range.  Peak RSS is per process, which is why every run is a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = {  # name -> bench.py flags
+    "checkpointing": [],
+    "no-checkpointing": ["--no-checkpointing"],
+    "low-memory": ["--low-memory"],
+}
+
+
+def run_once(flags: list[str], steps: int, model: str | None) -> dict:
+    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--steps", str(steps), "--json", *flags]
+    if model:
+        cmd += ["--model", model]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5, help="processes per mode (default 5)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per process (default 4)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes or args.runs < 1 or args.steps < 1:
+        ap.error(f"--modes: unknown {', '.join(unknown)}" if unknown else "--runs, --steps and --modes must be positive/non-empty")
+
+    start = datetime.datetime.now(datetime.timezone.utc)
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    for i in range(args.runs):
+        for m in modes:
+            r = run_once(MODES[m], args.steps, args.model)
+            results[m].append(r)
+            print(f"run {i + 1}/{args.runs} {m}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']} MB",
+                  flush=True)
+    end = datetime.datetime.now(datetime.timezone.utc)
+    when = f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC"
+    lines = []
+    for m in modes:
+        toks = [r["tokens_per_s"] for r in results[m]]
+        rss = [r["peak_rss_mb"] for r in results[m]]
+        label = m if not args.model else f"{m}, {results[m][0]['model']}"
+        lines.append(f"| {when} | {label} | {', '.join(f'{t:.1f}' for t in toks)} | **{statistics.median(toks):.1f}** | "
+                     f"{min(rss)}-{max(rss)} |")
+    print(f"\n{args.runs} runs per mode, bench.py --steps {args.steps}, {when}:")
+    for ln in lines:
+        print(ln)
+    if args.write_docs:
+        command = "python scripts/bench_series.py " + " ".join(sys.argv[1:])
+        update_docs(lines, command.strip())
+
+
+def update_docs(lines: list[str], command: str) -> None:
+    doc = REPO / "docs" / "PERFORMANCE.md"
+    text = doc.read_text() if doc.exists() else "# Performance\n"
+    begin, end = "<!-- series:begin -->", "<!-- series:end -->"
+    header = ("| when | mode | tokens/s, one process each | median | peak RSS MB |\n"
+              "|---|---|---|---|---|\n")
+    if begin not in text:
+        text += f"\n## Series (scripts/bench_series.py)\n\n{begin}\n{header}{end}\n"
+    pre, rest = text.split(begin, 1)
+    body, post = rest.split(end, 1)
+    old = [ln for ln in body.strip().splitlines() if ln.startswith("| ") and not ln.startswith("| when")]
+    stamp = (f"On {platform.machine()}, {os.cpu_count()} cores; SmolLM2-135M-Instruct Q4_1, ctx 256, batch 1 unless "
+             f"the mode names a model; last command: `{command}`\n\n")
+    body = "\n" + stamp + header + "\n".join(old + lines) + "\n"
+    doc.write_text(pre + begin + body + end + post)
+
+
+if __name__ == "__main__":
+    main()
