@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--no-flash", action="store_true")
     ap.add_argument("--low-memory", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--sgemm-peak-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line (scripts/bench_series.py)")
     args = ap.parse_args()
 
@@ -90,9 +92,13 @@ def main() -> None:
     from gguf_finetune.optim import AdamWConfig, adamw_step
 
     set_threads(args.threads)
-    # sgemm peak before the model loads (its buffers go back to the OS, so it does not add to peak
-    # RSS) and again after the steps: the better of the two, since the host's speed drifts
-    peak_before = sgemm_peak()
+    if args.sgemm_peak_only:
+        print(sgemm_peak())
+        return
+    # sgemm peak in a child process before the steps (the product's buffers would count in this
+    # process's peak RSS) and here after them: the better of the two, since the host's speed drifts
+    peak_before = float(subprocess.run([sys.executable, __file__, "--sgemm-peak-only", "--threads", str(args.threads)],
+                                       check=True, capture_output=True, text=True).stdout)
     keep_freed_memory()  # as finetune does
     path = args.model or default_model()
     t0 = time.perf_counter()
