@@ -158,26 +158,33 @@ def test_rope_gradient_finite_differences():
 # -- LoRA update -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_add_matches_reference(dtype):
+@pytest.mark.parametrize("r", [1, 3, 4, 9])  # ranks go four per pass, then one at a time
+def test_lora_add_matches_reference(dtype, r, monkeypatch):
     rng = np.random.default_rng(40)
-    y, us, b = rnd(rng, 7, 45, dtype=dtype), rnd(rng, 7, 3, dtype=dtype), rnd(rng, 45, 3, dtype=dtype)
+    y, us, b = rnd(rng, 7, 45, dtype=dtype), rnd(rng, 7, r, dtype=dtype), rnd(rng, 45, r, dtype=dtype)
     want = y.copy()
     R.lora_add(want, us, b)
-    K.lora_add(y, us, b)
-    close(y, want, dtype)
+    serial = y.copy()
+    K.lora_add(serial, us, b)
+    close(serial, want, dtype)
     big = rnd(rng, 7, 90, dtype=dtype)  # a strided column chunk, as the head uses it
     want = big.copy()
     R.lora_add(want[:, 30:75], us, b)
     K.lora_add(big[:, 30:75], us, b)
     close(big, want, dtype)
+    monkeypatch.setattr(K, "LORA_ADD_PARALLEL", 1)  # the rows-in-parallel variant (the logits'): same rows, same sums
+    par = y.copy()
+    K.lora_add(par, us, b)
+    assert np.array_equal(par, serial)
     with pytest.raises(ValueError):
-        K.lora_add(y, us, b[:, :2])
+        K.lora_add(y, us, rnd(rng, 45, r + 1, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_forward_matches_reference(dtype):
+@pytest.mark.parametrize("r", [1, 4, 6, 9])
+def test_lora_forward_matches_reference(dtype, r):
     rng = np.random.default_rng(41)
-    x, a, b = rnd(rng, 9, 37, dtype=dtype), rnd(rng, 37, 4, dtype=dtype), rnd(rng, 21, 4, dtype=dtype)
+    x, a, b = rnd(rng, 9, 37, dtype=dtype), rnd(rng, 37, r, dtype=dtype), rnd(rng, 21, r, dtype=dtype)
     y = rnd(rng, 9, 21, dtype=dtype)
     want = y.copy()
     u_ref = R.lora_forward(x, a, b, 0.7, want)
@@ -186,7 +193,7 @@ def test_lora_forward_matches_reference(dtype):
     close(y, want, dtype)
     assert np.array_equal(K.lora_u(x, a), u)  # the recomputation's u is the forward's, bit for bit
     with pytest.raises(ValueError):
-        K.lora_forward(x, a, b[:, :3], 0.7, y)
+        K.lora_forward(x, a, rnd(rng, 21, r + 1, dtype=dtype), 0.7, y)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,10 +10,10 @@ one or two ``@njit`` kernels.  Conventions:
   returns the input gradients;
 * every result is deterministic run to run: a ``prange`` iteration writes only its own output
   slots, and every sum has a fixed order;
-* ``parallel=True`` only where it pays: attention, SwiGLU and cross-entropy.  RMSNorm, RoPE and
-  the LoRA terms of the layers are serial: they are memory-bound, take ~0.02-0.3 ms at SmolLM2
-  size, waking numba's sleeping workers costs ~40 µs per call, and each parallel kernel adds ~2 s
-  of first-run compilation per dtype;
+* ``parallel=True`` only where it pays: attention, SwiGLU, cross-entropy and the output adapter's
+  passes over the logits.  RMSNorm, RoPE and the LoRA terms of the layers are serial: they are
+  memory-bound, take ~0.02-0.3 ms at SmolLM2 size, waking numba's sleeping workers costs ~40 µs
+  per call, and each parallel kernel adds ~2 s of first-run compilation per dtype;
 * the big products of the materialized attention are numpy batched matmuls (BLAS).
 
 Shapes: N rows (tokens) of C channels, F = n_ff, B sequences of T tokens, Hq/Hkv query/KV heads
@@ -400,6 +400,7 @@ def from_heads(x, out=None):
 # == 2b. LoRA low-rank update =====================================================================
 
 LORA_ADD_PARALLEL = 1 << 20  # lora_add uses both threads from this many elements of y (logit chunks)
+
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def _lora_add_row(yr, us, n, s, bT):  # pragma: no cover - compiled
