@@ -293,12 +293,15 @@ def test_where_llamacpp_differs_from_us_on_quantized_weights(smollm2, tmp_path, 
 @pytest.mark.slow
 def test_llamacpp_rounding_can_blow_up_one_position(smollm2, strong_run, capsys):
     """Why no fixed tolerance on Q4_1 holds for every adapter: llama.cpp's 8-bit activation
-    rounding can change one position's logits by more than their own size.
+    rounding can move one position's logits far more than the others.
 
-    With the adapter after 20 iterations at lr 0.01, llama.cpp's logits at one position are far
-    from the exact product (ours), and our engine with llama.cpp's rounding reproduced
-    (tests/llamacpp_numerics.py) gives llama.cpp's logits there: the rounding, not the adapter
-    arithmetic, makes the difference."""
+    With the adapter after 20 iterations at lr 0.01, the position where llama.cpp's logits are
+    farthest from the exact product (ours) is off by more than 10% of their norm, and our engine
+    with llama.cpp's rounding reproduced (tests/llamacpp_numerics.py) gives llama.cpp's logits
+    there to a tenth of that: the rounding, not the adapter arithmetic, makes the difference.
+    How far off depends on the adapter, which float32 training at this learning rate reaches only
+    up to its own rounding: 115% at that position before the LoRA kernels' summation order changed
+    (session 5), 20% after."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from llamacpp_numerics import LlamaCppMatmuls
 
@@ -318,9 +321,8 @@ def test_llamacpp_rounding_can_blow_up_one_position(smollm2, strong_run, capsys)
         print(f"\nadapter after 20 iterations at lr 0.01, position {worst}: ours vs llama.cpp "
               f"{per_position(ours)[worst]:.3f}, with llama.cpp's rounding {per_position(emulated)[worst]:.4f}; "
               f"all positions: ours {rel_l2(ours, lc):.3f}, with llama.cpp's rounding {rel_l2(emulated, lc):.4f}")
-    assert per_position(ours)[worst] > 0.5
-    assert per_position(emulated)[worst] < 0.05
-    assert rel_l2(emulated, lc) < 0.1 * rel_l2(ours, lc)
+    assert per_position(ours)[worst] > 0.1
+    assert per_position(emulated)[worst] < 0.1 * per_position(ours)[worst]
 
 
 def rel_l2(a, b) -> float:
