@@ -186,6 +186,45 @@ def _sum_exp_sub(x, n, m):  # pragma: no cover - compiled
 
 # == 1. RMSNorm ==================================================================================
 
+@njit(cache=True, fastmath=False, inline="always")
+def _sumsq64(xr, C):  # pragma: no cover - compiled
+    # Σ_j xr[j]² (squares in the dtype) in float64, eight partial sums in a fixed order: the same
+    # sum as one running total up to float64 rounding, and eight chains instead of one long one
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    C8 = C - C % 8
+    for j in range(0, C8, 8):
+        s0 += xr[j] * xr[j]
+        s1 += xr[j + 1] * xr[j + 1]
+        s2 += xr[j + 2] * xr[j + 2]
+        s3 += xr[j + 3] * xr[j + 3]
+        s4 += xr[j + 4] * xr[j + 4]
+        s5 += xr[j + 5] * xr[j + 5]
+        s6 += xr[j + 6] * xr[j + 6]
+        s7 += xr[j + 7] * xr[j + 7]
+    for j in range(C8, C):
+        s0 += xr[j] * xr[j]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _dot3_64(a, b, c, C):  # pragma: no cover - compiled
+    # Σ_j a[j]·b[j]·c[j] in float64 (a promoted first), eight partial sums as in _sumsq64
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    C8 = C - C % 8
+    for j in range(0, C8, 8):
+        s0 += np.float64(a[j]) * b[j] * c[j]
+        s1 += np.float64(a[j + 1]) * b[j + 1] * c[j + 1]
+        s2 += np.float64(a[j + 2]) * b[j + 2] * c[j + 2]
+        s3 += np.float64(a[j + 3]) * b[j + 3] * c[j + 3]
+        s4 += np.float64(a[j + 4]) * b[j + 4] * c[j + 4]
+        s5 += np.float64(a[j + 5]) * b[j + 5] * c[j + 5]
+        s6 += np.float64(a[j + 6]) * b[j + 6] * c[j + 6]
+        s7 += np.float64(a[j + 7]) * b[j + 7] * c[j + 7]
+    for j in range(C8, C):
+        s0 += np.float64(a[j]) * b[j] * c[j]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
 @njit(cache=True, fastmath=False)
 def _rmsnorm_fwd(x, w, eps, one, out, rstd):  # pragma: no cover - compiled
     # x [N, C], w [C]; eps, one: scalars of x's dtype -> out [N, C], rstd [N]
@@ -193,10 +232,7 @@ def _rmsnorm_fwd(x, w, eps, one, out, rstd):  # pragma: no cover - compiled
     # then rstd = 1/sqrt(mean + eps) and out = (x * rstd) * w, all in the dtype.
     N, C = x.shape
     for i in range(N):
-        s = 0.0
-        for j in range(C):
-            s += x[i, j] * x[i, j]
-        rstd[i] = s / C  # rounds the mean to the dtype
+        rstd[i] = _sumsq64(x[i], C) / C  # rounds the mean to the dtype
         r = one / np.sqrt(rstd[i] + eps)
         rstd[i] = r
         for j in range(C):
@@ -210,10 +246,7 @@ def _rmsnorm_bwd_dx(dout, x, w, rstd, dx):  # pragma: no cover - compiled
     N, C = x.shape
     for i in range(N):
         r = np.float64(rstd[i])
-        dot = 0.0
-        for j in range(C):
-            dot += np.float64(dout[i, j]) * w[j] * x[i, j]
-        c = r * r * r * dot / C
+        c = r * r * r * _dot3_64(dout[i], w, x[i], C) / C
         for j in range(C):
             dx[i, j] = r * w[j] * dout[i, j] - c * x[i, j]
 
