@@ -162,24 +162,15 @@ def main() -> None:
 
 
 def update_docs(row: str, command: str) -> None:
-    doc = REPO / "docs" / "PERFORMANCE.md"
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    """Add ``row`` to the table in docs/PERFORMANCE.md, replacing the row of the same model/mode/ctx/batch."""
+    from perf_doc import read_section, table_rows, write_section
+
     header = ("| model | mode | ctx | batch | threads | tokens/s | peak RSS MB | matmul GFLOP/s | sgemm peak | MFU |\n"
               "|---|---|---|---|---|---|---|---|---|---|\n")
-    if begin not in text:
-        text += f"\n## Training step (scripts/bench.py)\n\n{begin}\n{header}{end}\n"
-    pre, rest = text.split(begin, 1)
-    body, post = rest.split(end, 1)
-    lines = [ln for ln in body.strip().splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
     key = row.split("|")[1:5]
-    lines = [ln for ln in lines if ln.split("|")[1:5] != key]
-    lines.append(row)
+    lines = [ln for ln in table_rows(read_section("bench"), "| model") if ln.split("|")[1:5] != key] + [row]
     stamp = f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores; last command: `{command}`\n\n"
-    body = "\n" + stamp + header + "\n".join(lines) + "\n"
-    doc.parent.mkdir(exist_ok=True)
-    doc.write_text(pre + begin + body + end + post)
-
+    write_section("bench", stamp + header + "\n".join(lines), heading="Training step (scripts/bench.py)")
 
 if __name__ == "__main__":
     main()

@@ -28,10 +28,9 @@ import numpy as np
 from gguf import quants as gq
 
 from gguf_finetune import quants
+from perf_doc import DOC, write_section
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "PERFORMANCE.md"
-BEGIN, END = "<!-- dequant:begin -->", "<!-- dequant:end -->"
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -91,22 +90,6 @@ def below_note(all_results) -> str:
     return "  ".join(parts)
 
 
-def write_docs(section_body: str) -> None:
-    section = f"{BEGIN}\n{section_body.rstrip()}\n{END}"
-    if DOC.exists():
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            text = head + section + tail
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-    else:
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        text = "# Performance\n\nMeasured numbers; each section says how to reproduce it.\n\n" + section + "\n"
-    DOC.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1024, 64], help="one table per value")
@@ -154,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "10x single-thread speed-up is out of reach for any kernel that writes its result with "
             "ordinary stores; those rows run at about that floor.  " + below_note(all_results),
         ])
-        write_docs(body)
+        write_section("dequant", body)
         print(f"updated {DOC}", file=sys.stderr)
     return 0
 

@@ -78,21 +78,15 @@ def main() -> None:
 
 
 def update_docs(lines: list[str], command: str) -> None:
-    doc = REPO / "docs" / "PERFORMANCE.md"
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    begin, end = "<!-- series:begin -->", "<!-- series:end -->"
+    """Append this series' rows to the series table in docs/PERFORMANCE.md."""
+    from perf_doc import read_section, table_rows, write_section
+
     header = ("| when | mode | tokens/s, one process each | median | peak RSS MB |\n"
               "|---|---|---|---|---|\n")
-    if begin not in text:
-        text += f"\n## Series (scripts/bench_series.py)\n\n{begin}\n{header}{end}\n"
-    pre, rest = text.split(begin, 1)
-    body, post = rest.split(end, 1)
-    old = [ln for ln in body.strip().splitlines() if ln.startswith("| ") and not ln.startswith("| when")]
+    old = table_rows(read_section("series"), "| when")
     stamp = (f"On {platform.machine()}, {os.cpu_count()} cores; SmolLM2-135M-Instruct Q4_1, ctx 256, batch 1 unless "
              f"the mode names a model; last command: `{command}`\n\n")
-    body = "\n" + stamp + header + "\n".join(old + lines) + "\n"
-    doc.write_text(pre + begin + body + end + post)
-
+    write_section("series", stamp + header + "\n".join(old + lines), heading="Series (scripts/bench_series.py)")
 
 if __name__ == "__main__":
     main()

@@ -20,15 +20,14 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
+from perf_doc import DOC, write_section
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-DOCS = REPO / "docs" / "PERFORMANCE.md"
-BEGIN, END = "<!-- tokenizer:begin -->", "<!-- tokenizer:end -->"
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -79,19 +78,6 @@ def table(rows: list[dict], n_chars: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(body: str) -> None:
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    old = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Performance\n\nMeasured numbers; each section says how to reproduce it.\n"
-    if BEGIN in old and END in old:
-        new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _m: section, old, count=1, flags=re.S)
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, DOCS)
-
-
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
@@ -110,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chars", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pin", action="store_true", help="pin the process to one CPU (it is single-threaded anyway)")
-    ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
+    ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOC.relative_to(REPO)}")
     args = ap.parse_args(argv)
 
     if args.pin and hasattr(os, "sched_setaffinity"):
@@ -143,8 +129,8 @@ def main(argv=None) -> int:
 
 "load" excludes importing the package (numpy etc.); "cold" is a freshly loaded tokenizer; "warm" the same one again; "no cache" merges every word (BPE) or chunk (SPM) from scratch, which bounds text that never repeats a word.  Pure Python: the pre-tokenizer regexes run in `re` (on llama.cpp's category-collapsed text), the merges on a list of pair priorities patched after each merge (a heap for words of more than {SMALL} symbols); the speed comes from caching each distinct word (BPE) or each '▁'-delimited chunk (SPM — provably the same result as llama.cpp's whole-text merge, see `tokenizer/spm.py`).  Exactness: llama.cpp's 46 llama-spm vectors, the 57 recorded SmolLM2 cases, and randomized comparisons against llama.cpp itself (llama-cpp-python) for every pre-tokenizer — see `tests/test_tokenizer_*.py`.
 """
-        write_docs(body)
-        print(f"wrote {DOCS}", file=sys.stderr)
+        write_section("tokenizer", body)
+        print(f"wrote {DOC}", file=sys.stderr)
     return 0
 
 
