@@ -172,5 +172,6 @@ def update_docs(row: str, command: str) -> None:
     stamp = f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores; last command: `{command}`\n\n"
     write_section("bench", stamp + header + "\n".join(lines), heading="Training step (scripts/bench.py)")
 
+
 if __name__ == "__main__":
     main()

@@ -88,5 +88,6 @@ def update_docs(lines: list[str], command: str) -> None:
              f"the mode names a model; last command: `{command}`\n\n")
     write_section("series", stamp + header + "\n".join(old + lines), heading="Series (scripts/bench_series.py)")
 
+
 if __name__ == "__main__":
     main()
