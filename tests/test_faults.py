@@ -40,6 +40,19 @@ def _args(iters: int, *extra: str) -> list[str]:
             *extra]
 
 
+def _one_error_line(capsys, argv: list[str]) -> str:
+    """Run finetune's main, expecting exit status 1 and exactly one non-empty stderr line; return it."""
+    from gguf_finetune.cli import finetune as cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
 def _setup(folder: Path) -> None:
     make_run_dir(folder)
 
@@ -154,8 +167,6 @@ def trained(tmp_path, monkeypatch):
 def test_disk_full_during_save(trained, monkeypatch, capsys, failing_write, what):
     import gguf
 
-    from gguf_finetune.cli import finetune as cli
-
     hp = read_hparams(open_gguf(trained / "m.gguf"))
     before = {p.name: p.read_bytes() for p in trained.glob("*.gguf") if p.name != "m.gguf"}
     orig = gguf.GGUFWriter.write_tensors_to_file
@@ -170,13 +181,9 @@ def test_disk_full_during_save(trained, monkeypatch, capsys, failing_write, what
         return orig(self, *a, **kw)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write_tensors)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main(_args(2))
-    assert e.value.code == 1
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    line = _one_error_line(capsys, _args(2))
     target = "chk-3.gguf" if what == "checkpoint" else "lora-3.gguf"
-    assert len(err) == 1 and f"cannot write '{target}': no space left on the device" in err[0], err
+    assert f"cannot write '{target}': no space left on the device" in line, line
     # nothing half-written under a final name, no temporary file left
     assert not list(trained.glob(".*.tmp")), list(trained.glob(".*"))
     assert not (trained / target).exists()
@@ -244,7 +251,6 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_latest(trained, monkeypatc
     one stderr line that names --adam-alpha and the data (no numpy warnings), the LATEST checkpoint
     and adapter are those of the last good save, and nothing is written for the diverged iteration."""
     from gguf_finetune import trainer as trainer_mod
-    from gguf_finetune.cli import finetune as cli
 
     bad_call = 1 if when == "first" else 3
     last_good = 2 if when == "first" else 4
@@ -258,13 +264,7 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_latest(trained, monkeypatc
         return (float(value) if calls["n"] == bad_call else loss), n, lim
 
     monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main(_args(10))
-    assert e.value.code == 1
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1, err
-    line = err[0]
+    line = _one_error_line(capsys, _args(10))
     assert f"loss is {value} at iteration {last_good + 1}" in line, line
     assert "--adam-alpha" in line and "the training data 'train.txt'" in line, line
     assert "Traceback" not in line and "RuntimeWarning" not in line
