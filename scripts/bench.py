@@ -50,6 +50,32 @@ def sgemm_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def streamed_gemm_rate(n_mats: int = 48, passes: int = 3) -> float:
+    """FLOP/s of step-shaped products whose weights come from memory, not cache: [256, 576] ·
+    [576, 1536] with 48 different weight matrices (170 MB, several times any L3), best of 3 passes.
+    The step's products stream their float32 weights like this; the 2048³ peak runs from cache, so
+    it misses the slow periods of the host's memory that slow the step (docs/PERFORMANCE.md)."""
+    rng = np.random.default_rng(2)
+    ws = [rng.standard_normal((1536, 576), dtype=np.float32) for _ in range(n_mats)]
+    x = rng.standard_normal((256, 576), dtype=np.float32)
+    y = np.empty((256, 1536), dtype=np.float32)
+    best = 1e9
+    for _ in range(passes):
+        t = time.perf_counter()
+        for w in ws:
+            np.matmul(x, w.T, out=y)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 256 * 576 * 1536 * n_mats / best
+
+
+def host_rates(threads: int) -> tuple[float, float]:
+    """(sgemm peak, streamed_gemm_rate) measured in a child process, so that their buffers do not
+    count in this process's peak RSS."""
+    out = subprocess.run([sys.executable, __file__, "--sgemm-peak-only", "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
 def step_matmul_flops(hp, lora, B: int, T: int, checkpointing: bool) -> float:
     """Matmul FLOPs of one training step (base weights need dx only; LoRA needs dx, da, db)."""
     N = B * T
@@ -93,12 +119,12 @@ def main() -> None:
 
     set_threads(args.threads)
     if args.sgemm_peak_only:
-        print(sgemm_peak())
+        print(sgemm_peak(), streamed_gemm_rate())
         return
-    # sgemm peak in a child process before the steps (the product's buffers would count in this
-    # process's peak RSS) and here after them: the better of the two, since the host's speed drifts
-    peak_before = float(subprocess.run([sys.executable, __file__, "--sgemm-peak-only", "--threads", str(args.threads)],
-                                       check=True, capture_output=True, text=True).stdout)
+    # the host's rates in a child process before the steps and in another after them (their buffers
+    # would count in this process's peak RSS), the sgemm peak also here after the steps (peak RSS is
+    # read before that): the best sgemm peak, since the host's speed drifts, and the mean streamed rate
+    peak_before, stream_before = host_rates(args.threads)
     keep_freed_memory()  # as finetune does
     path = args.model or default_model()
     t0 = time.perf_counter()
@@ -141,6 +167,9 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
     flops = step_matmul_flops(hp, lora, B, T, ckpt)
     peak = max(peak_before, sgemm_peak())
+    peak_after, stream_after = host_rates(args.threads)
+    peak = max(peak, peak_after)
+    stream = (stream_before + stream_after) / 2
     mode = ("checkpointing" if ckpt else "no checkpointing") + (", low-memory" if args.low_memory else "") + \
         ("" if flash else ", no flash")
     row = (f"| {Path(path).name} | {mode} | {T} | {B} | {args.threads} | {tok_s:.1f} | {rss:.0f} | "
@@ -151,12 +180,15 @@ def main() -> None:
     print(f"step {dt * 1000:.0f} ms (median of {len(times)}), {tok_s:.1f} tokens/s, peak RSS {rss:.0f} MB, "
           f"matmul {flops / dt / 1e9:.1f} GFLOP/s of sgemm peak {peak / 1e9:.0f} GFLOP/s "
           f"(MFU {100 * flops / dt / peak:.0f}%), f32 weight cache {model.weights.cached_bytes / 2**20:.0f} MB")
+    print(f"host: step-shaped products with weights from memory {stream_before / 1e9:.0f} GFLOP/s before the steps, "
+          f"{stream_after / 1e9:.0f} after")
     print(row)
     if args.json:
         print(json.dumps({"model": Path(path).name, "mode": mode, "ctx": T, "batch": B, "threads": args.threads,
                           "tokens_per_s": round(tok_s, 1), "step_ms": [round(t * 1000, 1) for t in times],
                           "peak_rss_mb": round(rss), "matmul_gflops": round(flops / dt / 1e9, 1),
-                          "sgemm_peak_gflops": round(peak / 1e9), "loss": loss}))
+                          "sgemm_peak_gflops": round(peak / 1e9), "streamed_gemm_gflops": round(stream / 1e9),
+                          "loss": loss}))
     if args.write_docs:
         update_docs(row, " ".join(shlex.quote(a) for a in ["python", "scripts/bench.py"] + sys.argv[1:]))
 

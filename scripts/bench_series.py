@@ -8,7 +8,10 @@
 The host of a small VM drifts by tens of percent over minutes, so one process says little: this
 runs `bench.py --steps S [flag]` for run 1 of every mode, then run 2 of every mode, and so on (a
 slow moment hits every mode alike), and prints each run's tokens/s, the median per mode and the
-peak RSS range.  Peak RSS is per process, which is why every run is a process of its own.
+peak RSS range.  Peak RSS is per process, which is why every run is a process of its own.  Each run's
+host rates go in the table too, as bench.py measured them around its steps: the sgemm peak (2048³,
+from cache) and the rate of step-shaped products whose weights come from memory (which is what
+slows down in the host's slow periods, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -58,17 +61,18 @@ def main() -> None:
         for m in modes:
             r = run_once(MODES[m], args.steps, args.model)
             results[m].append(r)
-            print(f"run {i + 1}/{args.runs} {m}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']} MB",
-                  flush=True)
+            print(f"run {i + 1}/{args.runs} {m}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']} MB, "
+                  f"sgemm peak {r['sgemm_peak_gflops']} GFLOP/s, streamed products {r['streamed_gemm_gflops']} GFLOP/s", flush=True)
     end = datetime.datetime.now(datetime.timezone.utc)
     when = f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC"
     lines = []
     for m in modes:
         toks = [r["tokens_per_s"] for r in results[m]]
         rss = [r["peak_rss_mb"] for r in results[m]]
+        gf = [f"{r['sgemm_peak_gflops']}/{r['streamed_gemm_gflops']}" for r in results[m]]
         label = m if not args.model else f"{m}, {results[m][0]['model']}"
         lines.append(f"| {when} | {label} | {', '.join(f'{t:.1f}' for t in toks)} | **{statistics.median(toks):.1f}** | "
-                     f"{min(rss)}-{max(rss)} |")
+                     f"{min(rss)}-{max(rss)} | {', '.join(str(g) for g in gf)} |")
     print(f"\n{args.runs} runs per mode, bench.py --steps {args.steps}, {when}:")
     for ln in lines:
         print(ln)
@@ -81,9 +85,10 @@ def update_docs(lines: list[str], command: str) -> None:
     """Append this series' rows to the series table in docs/PERFORMANCE.md."""
     from perf_doc import read_section, table_rows, write_section
 
-    header = ("| when | mode | tokens/s, one process each | median | peak RSS MB |\n"
-              "|---|---|---|---|---|\n")
-    old = table_rows(read_section("series"), "| when")
+    header = ("| when | mode | tokens/s, one process each | median | peak RSS MB | host GFLOP/s, same runs: sgemm peak / streamed products |\n"
+              "|---|---|---|---|---|---|\n")
+    # rows written before the sgemm column existed get a dash in it
+    old = [r if r.count(" | ") >= 5 else r + " – |" for r in table_rows(read_section("series"), "| when")]
     stamp = (f"On {platform.machine()}, {os.cpu_count()} cores; SmolLM2-135M-Instruct Q4_1, ctx 256, batch 1 unless "
              f"the mode names a model; last command: `{command}`\n\n")
     write_section("series", stamp + header + "\n".join(old + lines), heading="Series (scripts/bench_series.py)")
