@@ -71,7 +71,7 @@ def streamed_gemm_rate(n_mats: int = 48, passes: int = 3) -> float:
 def host_rates(threads: int) -> tuple[float, float]:
     """(sgemm peak, streamed_gemm_rate) measured in a child process, so that their buffers do not
     count in this process's peak RSS."""
-    out = subprocess.run([sys.executable, __file__, "--sgemm-peak-only", "--threads", str(threads)],
+    out = subprocess.run([sys.executable, __file__, "--host-rates-only", "--threads", str(threads)],
                          check=True, capture_output=True, text=True).stdout.split()
     return float(out[0]), float(out[1])
 
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--no-flash", action="store_true")
     ap.add_argument("--low-memory", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--sgemm-peak-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--host-rates-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line (scripts/bench_series.py)")
     args = ap.parse_args()
 
@@ -118,12 +118,12 @@ def main() -> None:
     from gguf_finetune.optim import AdamWConfig, adamw_step
 
     set_threads(args.threads)
-    if args.sgemm_peak_only:
+    if args.host_rates_only:
         print(sgemm_peak(), streamed_gemm_rate())
         return
     # the host's rates in a child process before the steps and in another after them (their buffers
-    # would count in this process's peak RSS), the sgemm peak also here after the steps (peak RSS is
-    # read before that): the best sgemm peak, since the host's speed drifts, and the mean streamed rate
+    # would count in this process's peak RSS): the better sgemm peak, since the host's speed drifts,
+    # and the mean streamed rate
     peak_before, stream_before = host_rates(args.threads)
     keep_freed_memory()  # as finetune does
     path = args.model or default_model()
@@ -166,9 +166,8 @@ def main() -> None:
     tok_s = B * T / dt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
     flops = step_matmul_flops(hp, lora, B, T, ckpt)
-    peak = max(peak_before, sgemm_peak())
     peak_after, stream_after = host_rates(args.threads)
-    peak = max(peak, peak_after)
+    peak = max(peak_before, peak_after)
     stream = (stream_before + stream_after) / 2
     mode = ("checkpointing" if ckpt else "no checkpointing") + (", low-memory" if args.low_memory else "") + \
         ("" if flash else ", no flash")

@@ -62,7 +62,8 @@ def main() -> None:
             r = run_once(MODES[m], args.steps, args.model)
             results[m].append(r)
             print(f"run {i + 1}/{args.runs} {m}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']} MB, "
-                  f"sgemm peak {r['sgemm_peak_gflops']} GFLOP/s, streamed products {r['streamed_gemm_gflops']} GFLOP/s", flush=True)
+                  f"sgemm peak {r['sgemm_peak_gflops']} GFLOP/s, streamed products {r['streamed_gemm_gflops']} GFLOP/s",
+                  flush=True)
     end = datetime.datetime.now(datetime.timezone.utc)
     when = f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} UTC"
     lines = []
@@ -72,7 +73,7 @@ def main() -> None:
         gf = [f"{r['sgemm_peak_gflops']}/{r['streamed_gemm_gflops']}" for r in results[m]]
         label = m if not args.model else f"{m}, {results[m][0]['model']}"
         lines.append(f"| {when} | {label} | {', '.join(f'{t:.1f}' for t in toks)} | **{statistics.median(toks):.1f}** | "
-                     f"{min(rss)}-{max(rss)} | {', '.join(str(g) for g in gf)} |")
+                     f"{min(rss)}-{max(rss)} | {', '.join(gf)} |")
     print(f"\n{args.runs} runs per mode, bench.py --steps {args.steps}, {when}:")
     for ln in lines:
         print(ln)
@@ -85,10 +86,10 @@ def update_docs(lines: list[str], command: str) -> None:
     """Append this series' rows to the series table in docs/PERFORMANCE.md."""
     from perf_doc import read_section, table_rows, write_section
 
-    header = ("| when | mode | tokens/s, one process each | median | peak RSS MB | host GFLOP/s, same runs: sgemm peak / streamed products |\n"
+    header = ("| when | mode | tokens/s, one process each | median | peak RSS MB "
+              "| host GFLOP/s, same runs: sgemm peak / streamed products |\n"
               "|---|---|---|---|---|---|\n")
-    # rows written before the sgemm column existed get a dash in it
-    old = [r if r.count(" | ") >= 5 else r + " – |" for r in table_rows(read_section("series"), "| when")]
+    old = table_rows(read_section("series"), "| when")
     stamp = (f"On {platform.machine()}, {os.cpu_count()} cores; SmolLM2-135M-Instruct Q4_1, ctx 256, batch 1 unless "
              f"the mode names a model; last command: `{command}`\n\n")
     write_section("series", stamp + header + "\n".join(old + lines), heading="Series (scripts/bench_series.py)")
