@@ -4,6 +4,7 @@
     python scripts/bench_series.py                       # 5 runs of each mode, 4 steps per run
     python scripts/bench_series.py --runs 3 --modes no-checkpointing
     python scripts/bench_series.py --write-docs          # also add the series to docs/PERFORMANCE.md
+    python scripts/bench_series.py --by-host             # no runs: the recorded runs grouped by host rate
 
 The host of a small VM drifts by tens of percent over minutes, so one process says little: this
 runs `bench.py --steps S [flag]` for run 1 of every mode, then run 2 of every mode, and so on (a
@@ -49,7 +50,12 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     ap.add_argument("--model", default=None)
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--by-host", action="store_true",
+                    help="run nothing; group the runs recorded in docs/PERFORMANCE.md by their streamed-product rate")
     args = ap.parse_args()
+    if args.by_host:
+        by_host()
+        return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes or args.runs < 1 or args.steps < 1:
@@ -80,6 +86,43 @@ def main() -> None:
     if args.write_docs:
         command = "python scripts/bench_series.py " + " ".join(sys.argv[1:])
         update_docs(lines, command.strip())
+
+
+TARGETS = {"checkpointing": 150.0, "no-checkpointing": 220.0}  # tokens/s asked for (issue #3)
+RATE_BINS = ((0, 160), (160, 170), (170, 175), (175, 10_000))  # streamed-product GFLOP/s
+
+
+def recorded_runs() -> list[tuple[str, float, int]]:
+    """(mode, tokens/s, streamed GFLOP/s) of every recorded run that has a streamed rate."""
+    from perf_doc import read_section, table_rows
+
+    runs = []
+    for row in table_rows(read_section("series"), "| when"):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) != 6 or cells[1] not in MODES:
+            continue
+        toks = [float(t) for t in cells[2].split(",")]
+        rates = [r.strip().split("/") for r in cells[5].split(",")]
+        for t, r in zip(toks, rates):
+            if len(r) == 2 and r[1].isdigit():
+                runs.append((cells[1], t, int(r[1])))
+    return runs
+
+
+def by_host() -> None:
+    """Print, per mode with a target, the recorded runs grouped by the host's streamed-product rate."""
+    runs = recorded_runs()
+    for mode, target in TARGETS.items():
+        print(f"\n{mode} (target {target:.0f} tokens/s), runs grouped by the streamed-product rate of the same run:")
+        print("| streamed products, GFLOP/s | runs | median tokens/s (min-max) | runs ≥ target |")
+        print("|---|---|---|---|")
+        for lo, hi in RATE_BINS:
+            sel = [t for m, t, r in runs if m == mode and lo <= r < hi]
+            if not sel:
+                continue
+            label = f"< {hi}" if lo == 0 else (f"≥ {lo}" if hi >= 10_000 else f"{lo}-{hi}")
+            print(f"| {label} | {len(sel)} | {statistics.median(sel):.1f} ({min(sel):.1f}-{max(sel):.1f}) | "
+                  f"{sum(t >= target for t in sel)} |")
 
 
 def update_docs(lines: list[str], command: str) -> None:
