@@ -54,7 +54,10 @@ def main() -> None:
                     help="run nothing; group the runs recorded in docs/PERFORMANCE.md by their streamed-product rate")
     args = ap.parse_args()
     if args.by_host:
-        by_host()
+        text = by_host()
+        print(text)
+        if args.write_docs:
+            write_by_host(text)
         return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -86,6 +89,7 @@ def main() -> None:
     if args.write_docs:
         command = "python scripts/bench_series.py " + " ".join(sys.argv[1:])
         update_docs(lines, command.strip())
+        write_by_host(by_host())  # the grouping by host rate, now with this series
 
 
 TARGETS = {"checkpointing": 150.0, "no-checkpointing": 220.0}  # tokens/s asked for (issue #3)
@@ -109,20 +113,32 @@ def recorded_runs() -> list[tuple[str, float, int]]:
     return runs
 
 
-def by_host() -> None:
-    """Print, per mode with a target, the recorded runs grouped by the host's streamed-product rate."""
+def by_host() -> str:
+    """Per mode with a target, the recorded runs grouped by the host's streamed-product rate (markdown)."""
     runs = recorded_runs()
+    out = []
     for mode, target in TARGETS.items():
-        print(f"\n{mode} (target {target:.0f} tokens/s), runs grouped by the streamed-product rate of the same run:")
-        print("| streamed products, GFLOP/s | runs | median tokens/s (min-max) | runs ≥ target |")
-        print("|---|---|---|---|")
+        out += [f"{mode}, target {target:.0f} tokens/s; runs grouped by the streamed-product rate measured "
+                "around each run's steps:", "",
+                "| streamed products, GFLOP/s | runs | median tokens/s (min-max) | runs ≥ target |",
+                "|---|---|---|---|"]
         for lo, hi in RATE_BINS:
             sel = [t for m, t, r in runs if m == mode and lo <= r < hi]
             if not sel:
                 continue
             label = f"< {hi}" if lo == 0 else (f"≥ {lo}" if hi >= 10_000 else f"{lo}-{hi}")
-            print(f"| {label} | {len(sel)} | {statistics.median(sel):.1f} ({min(sel):.1f}-{max(sel):.1f}) | "
-                  f"{sum(t >= target for t in sel)} |")
+            out.append(f"| {label} | {len(sel)} | {statistics.median(sel):.1f} ({min(sel):.1f}-{max(sel):.1f}) | "
+                       f"{sum(t >= target for t in sel)} |")
+        out.append("")
+    return "\n".join(out).strip() + "\n"
+
+
+def write_by_host(text: str) -> None:
+    """Replace the by-host section of docs/PERFORMANCE.md (it must exist: it sits in hand-written prose)."""
+    from perf_doc import read_section, write_section
+
+    if read_section("by-host"):
+        write_section("by-host", "Command: `python scripts/bench_series.py --by-host --write-docs`\n\n" + text)
 
 
 def update_docs(lines: list[str], command: str) -> None:
