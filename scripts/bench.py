@@ -28,8 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-import gguf_finetune  # noqa: E402,F401  (before numpy: sets the thread wait policy for numba and OpenBLAS)
 import numpy as np  # noqa: E402
+
+import gguf_finetune  # noqa: E402,F401  (before numpy: sets the thread wait policy for numba and OpenBLAS)
 
 
 def default_model() -> str:
@@ -111,10 +112,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line (scripts/bench_series.py)")
     args = ap.parse_args()
 
+    from gguf_finetune.api import load_model
     from gguf_finetune.cli.common import keep_freed_memory, set_threads
     from gguf_finetune.engine.backward import loss_and_grad
-    from gguf_finetune.engine.lora import LoraRanks, init_lora
-    from gguf_finetune.model import load_model
+    from gguf_finetune.lora import LoraRanks, init_lora
     from gguf_finetune.optim import AdamWConfig, adamw_step
 
     set_threads(args.threads)

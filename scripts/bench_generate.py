@@ -32,8 +32,8 @@ def main() -> None:
     from gguf_finetune.cli.common import set_threads
 
     used = set_threads(a.threads)  # before numpy is imported, so BLAS gets the count too
+    from gguf_finetune.api import load_model
     from gguf_finetune.engine.generate import Decoder
-    from gguf_finetune.model import load_model
     from gguf_finetune.sampling import Sampler, SamplerParams
 
     if not a.model:

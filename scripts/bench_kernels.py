@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import gguf_finetune  # noqa: F401  (first: sets the thread-waiting policy before numpy/numba start)
-
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+import gguf_finetune  # noqa: F401  (first: sets the thread-waiting policy before numpy/numba start)
 from gguf_finetune.engine import kernels as K  # noqa: E402
 
 

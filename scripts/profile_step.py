@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-import gguf_finetune  # noqa: E402,F401  (before numpy: thread wait policy)
 import numpy as np  # noqa: E402
+
+import gguf_finetune  # noqa: E402,F401  (before numpy: thread wait policy)
 
 
 class Timers:
@@ -121,11 +122,11 @@ def main() -> None:
     ap.add_argument("--no-flash", action="store_true")
     args = ap.parse_args()
 
+    from gguf_finetune.api import load_model
     from gguf_finetune.cli.common import keep_freed_memory, set_threads
     from gguf_finetune.demo import default_model_path
     from gguf_finetune.engine import backward as BW
-    from gguf_finetune.engine.lora import LoraRanks, init_lora
-    from gguf_finetune.model import load_model
+    from gguf_finetune.lora import LoraRanks, init_lora
 
     set_threads(args.threads)
     keep_freed_memory()

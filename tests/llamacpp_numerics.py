@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf_finetune.engine import forward as F
 from gguf_finetune.model import LAYER_MATS
 from gguf_finetune.quants import dequantize_tensor
+
 _lib = None
 
 

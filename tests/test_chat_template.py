@@ -8,8 +8,14 @@ from datetime import datetime, timezone
 
 import pytest
 
-from gguf_finetune.data.chat_template import (BUILTIN_TEMPLATES, GGUF_KEY, ChatTemplate, ChatTemplateError,
-                                              load_chat_template, template_source)
+from gguf_finetune.data.chat_template import (
+    BUILTIN_TEMPLATES,
+    GGUF_KEY,
+    ChatTemplate,
+    ChatTemplateError,
+    load_chat_template,
+    template_source,
+)
 from gguf_finetune.errors import UserError
 
 SYS_CHAT = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"},

@@ -8,8 +8,8 @@ from gguf_finetune.cli.convert import run
 from gguf_finetune.formats.load import read_any
 
 
-def test_convert_chain_keeps_the_adapter(shared, tmp_path, capsys):
-    fx = shared / "fixtures" / "llamacpp-tiny"
+def test_convert_chain_keeps_the_adapter(testdata, tmp_path, capsys):
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     base = fx / "tiny-llama-spm-q8_0.gguf"
     a, p, b = tmp_path / "a.gguf", tmp_path / "peft", tmp_path / "b.gguf"
     assert run([str(fx / "chk-tiny-10.gguf"), str(a), "--base", str(base)]) == 0

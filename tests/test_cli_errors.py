@@ -35,16 +35,17 @@ import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+
 from tiny import TEXT
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO.parent / "shared" / "fixtures" / "llamacpp-tiny"
+FIXTURES = REPO / "tests" / "data" / "fixtures" / "llamacpp-tiny"
 AS_LIMIT = 3 << 30
 # Peak RSS of any case.  Measured (test_peak_memory_is_measured_and_bounded prints it): 85 MB for
 # inspect, ~100 MB for export-lora, ~165 MB for finetune with numba and the tiny model loaded, 177 MB
@@ -67,7 +68,7 @@ fuzz = _load_fuzz()
 
 
 # ------------------------------------------------------------------------------------------------
-# the shared folder: a model, data, a valid checkpoint/adapter, and files made for other models
+# the test data: a model, data, a valid checkpoint/adapter, and files made for other models
 # ------------------------------------------------------------------------------------------------
 def _spec(**kw):
     from gguf_finetune.synthetic import SyntheticSpec
@@ -78,22 +79,28 @@ def _spec(**kw):
 
 
 def _lora_files(folder: Path, model: str, stem: str, arch: str | None = None) -> None:
-    """A checkpoint and a GGUF adapter (non-zero b) for ``model``, optionally claiming another arch."""
-    from gguf_finetune.engine.lora import LoraRanks, init_lora
+    """A checkpoint and a GGUF adapter (non-zero b) for ``model``, optionally claiming another arch (a
+    five-letter name written over 'llama' in the files: their layout stays the llama one)."""
     from gguf_finetune.formats.adapter_gguf import write_adapter_gguf
-    from gguf_finetune.formats.checkpoint import OptimizerState, TrainState, write_checkpoint
+    from gguf_finetune.formats.checkpoint import write_checkpoint
     from gguf_finetune.gguf_io import open_gguf
+    from gguf_finetune.lora import LoraRanks, init_lora
     from gguf_finetune.model import read_hparams
+    from gguf_finetune.optim import OptimizerState
+    from gguf_finetune.trainer import TrainState
 
     hp = read_hparams(open_gguf(folder / model))
-    if arch is not None:
-        hp = replace(hp, arch=arch)
     ranks = LoraRanks.uniform(2)
     lora = init_lora(hp, ranks, 2.0, seed=3)
     lora.flat[:] = np.random.default_rng(3).standard_normal(lora.flat.size).astype(np.float32) * 0.01
     write_checkpoint(folder / f"{stem}.ckpt.gguf", hp, 16, ranks, lora, OptimizerState.zeros(lora.layout.size),
                      TrainState(iteration=1, shuffle_rng_state="5489"))
     write_adapter_gguf(folder / f"{stem}.adapter.gguf", lora, hp)
+    if arch is not None:
+        assert len(arch) == len("llama")
+        for kind in ("ckpt", "adapter"):
+            p = folder / f"{stem}.{kind}.gguf"
+            p.write_bytes(p.read_bytes().replace(b"llama", arch.encode()))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +115,7 @@ def base(tmp_path_factory) -> Path:
     _lora_files(d, "m.gguf", "good")
     _lora_files(d, "wide.gguf", "wide")
     _lora_files(d, "bigvocab.gguf", "bigvocab")
-    _lora_files(d, "m.gguf", "falcon", arch="falcon")
+    _lora_files(d, "m.gguf", "mamba", arch="mamba")
     # outputs of an "earlier run" that no failing command may touch
     (d / "out").mkdir()
     for name in ("chk-1.gguf", "chk-LATEST.gguf"):
@@ -422,16 +429,16 @@ def _build_cases() -> list[Case]:
         ]
     # -- made for another model: refused before training starts -----------------------------------
     cases += [
-        Case("checkpoint-other-architecture", ft(checkpoint_in="falcon.ckpt.gguf"), 1,
-             r"made for architecture 'falcon', the model is 'llama'", "falcon.ckpt.gguf"),
+        Case("checkpoint-other-architecture", ft(checkpoint_in="mamba.ckpt.gguf"), 1,
+             r"made for architecture 'mamba', the model is 'llama'", "mamba.ckpt.gguf"),
         Case("checkpoint-other-shapes", ft(checkpoint_in="wide.ckpt.gguf"), 1,
              r"made for another model \(llama.embedding_length = 64, the model has 32\)", "wide.ckpt.gguf"),
         Case("checkpoint-other-vocabulary", ft(checkpoint_in="bigvocab.ckpt.gguf"), 1,
              r"made for a vocabulary of 450 tokens, the model has 400", "bigvocab.ckpt.gguf"),
         Case("checkpoint-other-rank-flag", ft("--rank-wq", "3", checkpoint_in="good.ckpt.gguf"), 1,
              r"--rank-wq 3 does not match the checkpoint's rank 2", "good.ckpt.gguf", slow=True),
-        Case("adapter-other-architecture", export(lora="falcon.adapter.gguf"), 1,
-             r"made for architecture 'falcon', the model is 'llama'", "falcon.adapter.gguf", prog="export-lora",
+        Case("adapter-other-architecture", export(lora="mamba.adapter.gguf"), 1,
+             r"made for architecture 'mamba', the model is 'llama'", "mamba.adapter.gguf", prog="export-lora",
              slow=True),
         Case("adapter-other-shapes", export(lora="wide.adapter.gguf"), 1, r"is for shape \[\d+, 64\]",
              "wide.adapter.gguf", prog="export-lora"),
@@ -914,7 +921,7 @@ def test_every_case_kind_is_covered():
 def test_output_collisions_allowed_and_refused(tmp_path, monkeypatch):
     """Which names a run may write (ITERATION numbers in range, LATEST, best) against its inputs: the
     LATEST checkpoint it resumes from may be replaced, nothing else."""
-    from gguf_finetune.cli.args import parse_finetune_args
+    from gguf_finetune.cli.finetune_args import parse_finetune_args
     from gguf_finetune.cli.preflight import check_outputs, finetune_inputs, finetune_outputs
     from gguf_finetune.errors import UserError
 
@@ -965,7 +972,7 @@ def test_output_collisions_allowed_and_refused(tmp_path, monkeypatch):
 def test_memory_estimate_names_the_flags_responsible(base):
     """The estimate grows with --ctx x --batch (and the ranks); a run whose estimate exceeds what is
     available is refused naming the flags of the largest part; a small run passes."""
-    from gguf_finetune.cli.args import parse_finetune_args
+    from gguf_finetune.cli.finetune_args import parse_finetune_args
     from gguf_finetune.cli.preflight import check_memory, estimate_training_memory
     from gguf_finetune.errors import UserError
     from gguf_finetune.gguf_io import open_gguf

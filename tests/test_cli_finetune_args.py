@@ -1,4 +1,5 @@
-"""Command-line parsing: llama.cpp's finetune / export-lora flags, defaults, errors, exit codes."""
+"""Command-line parsing (cli/parser.py) of llama.cpp's finetune / export-lora flags (cli/finetune_args.py,
+cli/export_lora.py): names, defaults, errors, exit codes."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ import sys
 
 import pytest
 
-from gguf_finetune.cli.args import (
-    FinetuneArgs, HelpRequested, LoraArgs, OptArgs, export_lora_parser, finetune_parser, get_path,
-    parse_export_lora_args, parse_finetune_args, process_escapes,
+from gguf_finetune.cli.export_lora import export_lora_parser, parse_export_lora_args
+from gguf_finetune.cli.finetune_args import (
+    FinetuneArgs,
+    LoraArgs,
+    finetune_parser,
+    parse_finetune_args,
+    process_escapes,
 )
+from gguf_finetune.cli.parser import MAX_CTX, HelpRequested, get_path
 from gguf_finetune.errors import UsageError
 
 METAVARS = {"N", "F", "FNAME", "STR", "SEED", "S"}
 
 
-def ref_lines(shared, name: str) -> list[tuple[list[str], str]]:
+def ref_lines(testdata, name: str) -> list[tuple[list[str], str]]:
     """(option names, line) for every option line of a reference --help text."""
     out = []
-    for line in (shared / "reference" / name).read_text().splitlines():
+    for line in (testdata / "reference" / name).read_text().splitlines():
         if not line.lstrip().startswith("-"):
             continue
         names = []
@@ -56,10 +62,10 @@ def has_token(text: str, name: str) -> bool:
 # -- every reference option is offered, with its default ------------------------------------------
 @pytest.mark.parametrize("ref, parser", [("llama-finetune-help.txt", finetune_parser),
                                          ("llama-export-lora-help.txt", export_lora_parser)])
-def test_every_reference_option_is_in_help(shared, ref, parser):
+def test_every_reference_option_is_in_help(testdata, ref, parser):
     p = parser()
     text = help_of(p)
-    lines = ref_lines(shared, ref)
+    lines = ref_lines(testdata, ref)
     assert len(lines) >= 5
     for names, _ in lines:
         assert names, _
@@ -84,11 +90,11 @@ def effective_default(args: FinetuneArgs, o) -> object:
 
 @pytest.mark.parametrize("ref, parser", [("llama-finetune-help.txt", finetune_parser),
                                          ("llama-export-lora-help.txt", export_lora_parser)])
-def test_reference_defaults(shared, ref, parser):
+def test_reference_defaults(testdata, ref, parser):
     p = parser()
     defaults = p.parse([])
     checked = 0
-    for names, line in ref_lines(shared, ref):
+    for names, line in ref_lines(testdata, ref):
         if names == ["-h", "--help"]:
             continue
         o = p.find(names[-1])
@@ -129,12 +135,12 @@ def test_norm_ranks_default_to_zero_unlike_llamacpp():
 
 
 def test_defaults_match_the_engine():
-    """Our flag defaults and the optimizer's / LoRA layer's defaults are the same numbers."""
-    from gguf_finetune.engine.lora import LoraRanks
-    from gguf_finetune.optim import AdamWConfig
+    """The flags fill the engine's own settings, and their rank defaults are the LoRA layer's."""
+    from gguf_finetune.config import AdamWConfig, TrainConfig
+    from gguf_finetune.lora import LoraRanks
 
-    assert OptArgs().adamw_config() == AdamWConfig()
-    assert LoraArgs().ranks() == LoraRanks()
+    assert FinetuneArgs().train == TrainConfig() and FinetuneArgs().train.adam == AdamWConfig()
+    assert LoraRanks(**LoraArgs().resolved_ranks()) == LoraRanks()
 
 
 # -- every spelling of every option reaches its field ----------------------------------------------
@@ -172,13 +178,13 @@ def test_finetune_values():
         "--no-flash --no-checkpointing -ngl 99 --lora-format ggla --lora-type BF16 --memory-budget 1.5G "
         "--no-progress --epochs 2 --ctx 32"))
     assert a.model.model_base == "m.gguf"
-    assert (a.run.n_ctx, a.run.n_threads, a.run.n_batch, a.run.seed, a.run.grad_acc) == (32, 2, 4, 7, 3)  # last --ctx wins
-    assert a.lora.resolved_ranks() == dict(tok_embd=8, out_norm=0, out=8, att_norm=0, wq=6, wk=8, wv=8, wo=8,
-                                           ffn_norm=0, ffn_gate=2, ffn_down=8, ffn_up=8)
+    assert (a.train.n_ctx, a.run.n_threads, a.train.n_batch, a.run.seed, a.train.grad_acc) == (32, 2, 4, 7, 3)  # last --ctx wins
+    assert a.lora.resolved_ranks() == dict(tok_embd=8, out_norm=0, out=8, att_norm=0, wq=6, wk=8, wv=8, wqkv=8,
+                                           wo=8, ffn_norm=0, ffn_gate=2, ffn_down=8, ffn_up=8)
     assert a.lora.alpha == 8.0  # llama.cpp: alpha defaults to r
-    assert (a.opt.adam_alpha, a.opt.adam_iter, a.opt.enable_restart, a.opt.epochs) == (0.02, 0, True, 2)
+    assert (a.train.adam.alpha, a.train.adam.n_iter, a.train.adam.enable_restart, a.train.epochs) == (0.02, 0, True, 2)
     assert (a.data.separate_with_bos, a.data.separate_with_eos) == (False, True)
-    assert (a.run.use_flash, a.run.use_checkpointing, a.run.n_gpu_layers) == (False, False, 99)
+    assert (a.train.flash, a.train.checkpointing, a.run.n_gpu_layers) == (False, False, 99)
     assert (a.out.lora_format, a.out.lora_type) == ("ggla", "bf16")
     assert a.run.memory_budget == int(1.5 * 2**30) and a.run.progress is False
     assert a.is_given("-c") and a.is_given("--ctx") and a.is_given("-b") and a.is_given("--n-gpu-layers")
@@ -186,10 +192,8 @@ def test_finetune_values():
 
 
 def test_size_flags_accept_their_upper_bounds():
-    from gguf_finetune.cli.args import MAX_CTX
-
     a = parse_finetune_args(shlex.split(f"--ctx {MAX_CTX} -b {MAX_CTX} --lora-r {MAX_CTX} --rank-wq 0"))
-    assert (a.run.n_ctx, a.run.n_batch, a.lora.lora_r, a.lora.rank_wq) == (MAX_CTX, MAX_CTX, MAX_CTX, 0)
+    assert (a.train.n_ctx, a.train.n_batch, a.lora.lora_r, a.lora.rank_wq) == (MAX_CTX, MAX_CTX, MAX_CTX, 0)
     with pytest.raises(UsageError, match=r"^--ctx: expected an integer in \[1, 1048576\], got '2000000'$"):
         parse_finetune_args(["--ctx", "2000000"])
 
@@ -202,8 +206,8 @@ def test_underscore_spellings_as_llamacpp():
 
 
 def test_restart_flags_take_no_value():
-    assert parse_finetune_args(["--enable-restart"]).opt.enable_restart is True
-    assert parse_finetune_args(["--enable-restart", "--disable-restart"]).opt.enable_restart is False
+    assert parse_finetune_args(["--enable-restart"]).train.adam.enable_restart is True
+    assert parse_finetune_args(["--enable-restart", "--disable-restart"]).train.adam.enable_restart is False
     with pytest.raises(UsageError, match="'5'.*--enable-restart takes no value"):
         parse_finetune_args(["--enable-restart", "5"])
 
@@ -245,22 +249,22 @@ def test_sample_start_escape():
     assert parse_finetune_args(["--sample-start", "-- "]).data.sample_start == "-- "  # a value is taken verbatim
 
 
-def test_fixture_and_guide_command_lines(shared):
+def test_fixture_and_guide_command_lines(testdata):
     """The command lines of the llama.cpp fixture run and of the guides parse to what they say."""
-    lines = (shared / "fixtures" / "llamacpp-tiny" / "commands.txt").read_text().splitlines()
+    lines = (testdata / "fixtures" / "llamacpp-tiny" / "commands.txt").read_text().splitlines()
     for line in lines:
         argv = shlex.split(line)
         assert argv[0] == "finetune"
         a = parse_finetune_args(argv[1:])
-        assert (a.run.n_ctx, a.run.n_batch, a.run.n_threads, a.run.seed) == (32, 2, 2, 7)
-        assert (a.opt.adam_alpha, a.opt.warmup, a.out.save_every) == (0.02, 2, 2)
+        assert (a.train.n_ctx, a.train.n_batch, a.run.n_threads, a.run.seed) == (32, 2, 2, 7)
+        assert (a.train.adam.alpha, a.train.adam.warmup, a.train.save_every) == (0.02, 2, 2)
         assert a.data.sample_start_bytes == b"\n" and a.data.include_sample_start
         assert a.out.lora_out == "lora-tiny-ITERATION.bin" and a.out.checkpoint_in == "chk-tiny-LATEST.gguf"
-    assert [parse_finetune_args(shlex.split(x)[1:]).opt.adam_iter for x in lines] == [4, 6]
+    assert [parse_finetune_args(shlex.split(x)[1:]).train.adam.n_iter for x in lines] == [4, 6]
     a = parse_finetune_args(shlex.split(
         "--model-base llama-2-13b-chat.Q5_K_M.gguf --lora-out lora.bin --train-data train.txt "
         "--sample-start '<SFT>' --adam-iter 1024"))
-    assert a.data.sample_start == "<SFT>" and a.opt.adam_iter == 1024
+    assert a.data.sample_start == "<SFT>" and a.train.adam.n_iter == 1024
 
 
 def test_export_lora_values():

@@ -54,15 +54,15 @@ def test_inspect_smollm2(smollm2, capsys):
     assert "gpt2 (pre: smollm), 49152 tokens" in out and "134.52M" in out
 
 
-def test_inspect_untied_spm_model(shared, capsys):
-    info = inspect_json(shared / TINY / "tiny-llama-spm-q8_0.gguf", capsys)
+def test_inspect_untied_spm_model(testdata, capsys):
+    info = inspect_json(testdata / TINY / "tiny-llama-spm-q8_0.gguf", capsys)
     assert info["tied_embeddings"] is False and info["tokenizer"]["model"] == "llama"
     assert info["chat_template"] is False and info["hparams"]["n_layer"] == 2
 
 
 # -- checkpoints and adapters -----------------------------------------------------------------------
-def test_inspect_llamacpp_checkpoint(shared, capsys):
-    path = shared / TINY / "chk-tiny-4.gguf"
+def test_inspect_llamacpp_checkpoint(testdata, capsys):
+    path = testdata / TINY / "chk-tiny-4.gguf"
     info = inspect_json(path, capsys)
     f = open_gguf(path)
     assert info["kind"] == "checkpoint" and info["made_by"] == "llama.cpp finetune"
@@ -77,18 +77,20 @@ def test_inspect_llamacpp_checkpoint(shared, capsys):
     assert code == 0 and "training checkpoint" in out and "not stored" in out
 
 
-def test_inspect_legacy_bin_adapter_matches_its_checkpoint(shared, capsys):
+def test_inspect_legacy_bin_adapter_matches_its_checkpoint(testdata, capsys):
     """llama.cpp's run wrote lora-tiny-4.bin from the same LoRA as chk-tiny-4.gguf."""
-    ggla = inspect_json(shared / TINY / "lora-tiny-4.bin", capsys)
-    chk = inspect_json(shared / TINY / "chk-tiny-4.gguf", capsys)
+    ggla = inspect_json(testdata / TINY / "lora-tiny-4.bin", capsys)
+    chk = inspect_json(testdata / TINY / "chk-tiny-4.gguf", capsys)
     assert ggla["kind"] == "ggla-adapter" and ggla["lora_r"] == 4 and ggla["alpha"] == 4
     assert ggla["ranks"] == chk["ranks"] and ggla["parameters"] == chk["parameters"]
 
 
 def test_inspect_our_checkpoint(tmp_path, capsys):
-    from gguf_finetune.engine.lora import LoraLayout, LoraParams, LoraRanks, make_specs
-    from gguf_finetune.formats.checkpoint import OptimizerState, TrainState, write_checkpoint
+    from gguf_finetune.formats.checkpoint import write_checkpoint
+    from gguf_finetune.lora import LoraLayout, LoraParams, LoraRanks, make_specs
     from gguf_finetune.model import HParams
+    from gguf_finetune.optim import OptimizerState
+    from gguf_finetune.trainer import TrainState
 
     hp = HParams(n_vocab=32, n_ctx_train=64, n_embd=16, n_ff=24, n_layer=2, n_head=2, n_head_kv=1, n_rot=8)
     ranks = LoraRanks.uniform(2)
@@ -135,23 +137,23 @@ def test_inspect_gguf_adapter(tmp_path, capsys):
 
 
 # -- bad input ---------------------------------------------------------------------------------------
-def _bad_files(tmp_path, shared):
+def _bad_files(tmp_path, testdata):
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     text = tmp_path / "notes.gguf"
     text.write_text("this is not a model\n")
     trunc = tmp_path / "trunc.gguf"
-    trunc.write_bytes((shared / TINY / "chk-tiny-4.gguf").read_bytes()[:300])
+    trunc.write_bytes((testdata / TINY / "chk-tiny-4.gguf").read_bytes()[:300])
     bad_ggla = tmp_path / "bad.bin"
-    bad_ggla.write_bytes((shared / TINY / "lora-tiny-4.bin").read_bytes()[:5000])
+    bad_ggla.write_bytes((testdata / TINY / "lora-tiny-4.bin").read_bytes()[:5000])
     return {"missing": (tmp_path / "nope.gguf", "not found"), "directory": (tmp_path, "directory"),
             "empty": (empty, "empty"), "not gguf": (text, "not a GGUF file"),
             "truncated": (trunc, "truncated"), "truncated ggla": (bad_ggla, "truncated")}
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "not gguf", "truncated", "truncated ggla"])
-def test_inspect_bad_files(case, tmp_path, shared, capsys):
-    path, needle = _bad_files(tmp_path, shared)[case]
+def test_inspect_bad_files(case, tmp_path, testdata, capsys):
+    path, needle = _bad_files(tmp_path, testdata)[case]
     code, out, err = run(["inspect", str(path)], capsys)
     assert code == 1 and out == ""
     lines = err.splitlines()
@@ -174,17 +176,9 @@ def test_inspect_usage_errors(capsys):
 
 
 # -- tokenize ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer_available():
-    try:
-        from gguf_finetune.tokenizer import load_tokenizer  # noqa: F401
-    except ImportError:
-        pytest.skip("gguf_finetune.tokenizer is not available yet")
-
-
-def test_tokenize_matches_llamacpp(smollm2, shared, tmp_path, capsys, tokenizer_available):
+def test_tokenize_matches_llamacpp(smollm2, testdata, tmp_path, capsys):
     """llama.cpp's ids for a text with special tokens (parse_special=true), read from a file, BOS added."""
-    case = json.loads((shared / "reference" / "smollm2-tokenizer-special.json").read_text())["cases"][0]
+    case = json.loads((testdata / "reference" / "smollm2-tokenizer-special.json").read_text())["cases"][0]
     text = tmp_path / "t.txt"
     text.write_text(case["text"], encoding="utf-8")
     code, out, err = run(["tokenize", "-m", str(smollm2), "-f", str(text), "--special", "--add-bos"], capsys)

@@ -8,12 +8,22 @@ import os
 import numpy as np
 import pytest
 
+from gguf_finetune.data.batches import ShuffleState, resume_shuffle, shuffle_samples
 from gguf_finetune.data.chat_template import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template
-from gguf_finetune.data.jsonl import (RecordBatchConfig, RecordBatchIterator, build_dataset, chat_mask,
-                                      detect_format, encode_record, load_jsonl_dataset, mask_by_prefixes,
-                                      record_batch, record_batch_ref, record_eval_batches)
+from gguf_finetune.data.jsonl import (
+    RecordBatchConfig,
+    RecordBatchIterator,
+    build_dataset,
+    chat_mask,
+    detect_format,
+    encode_record,
+    load_jsonl_dataset,
+    mask_by_prefixes,
+    record_batch,
+    record_batch_ref,
+    record_eval_batches,
+)
 from gguf_finetune.data.records import Record, parse_jsonl, read_jsonl
-from gguf_finetune.data.text import ShuffleState, resume_shuffle, shuffle_samples
 from gguf_finetune.errors import UserError
 
 CHAT2 = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},

@@ -8,24 +8,21 @@ import re
 import numpy as np
 import pytest
 
+from gguf_finetune.data.batches import ShuffleState, compute_samples_hash, resume_shuffle
 from gguf_finetune.data.text import (
     BatchConfig,
     BatchIterator,
-    ShuffleState,
-    compute_samples_hash,
     example_targets_batch,
     example_targets_batch_ref,
     load_train_text,
     mark_utf8_units,
     mark_utf8_units_ref,
     process_escapes,
-    resume_shuffle,
-    shuffle_samples,
     tokenize_file,
     tokenize_text,
 )
 from gguf_finetune.errors import UserError
-from gguf_finetune.stdcpp import hash_combine, hash_string, mt19937_seed_to_state
+from gguf_finetune.stdcpp import mt19937_seed_to_state
 
 FIXTURE = "fixtures/llamacpp-tiny"
 BOS, EOS, NV = 1, 2, 300
@@ -160,32 +157,6 @@ def test_load_train_text_reports_main_lines(tmp_path):
                          "main: include-sample-start: true"]
     assert lines[-2:] == ["main: number of training tokens: 7", "main: number of unique tokens: 3"]
     assert ds.n_samples == 3
-
-
-# -- hash and shuffle -------------------------------------------------------------------------------
-
-
-def test_samples_hash_is_the_sequential_fold():
-    b = np.array([0, 5, 17, 2**40], dtype=np.int64)
-    s = np.array([5, 12, 3, 9], dtype=np.int64)
-    h = hash_string("data/train.txt")
-    h = hash_combine(h, 4)
-    for x, y in zip(b, s):
-        h = hash_combine(hash_combine(h, int(x)), int(y))
-    assert compute_samples_hash("data/train.txt", b, s) == h
-
-
-def test_shuffle_is_a_seeded_permutation_with_offsets_in_range():
-    sizes = np.array([5, 1, 0, 9, 3, 7] * 50, dtype=np.int64)
-    begins = np.cumsum(np.concatenate([[0], sizes[:-1]]))
-    a = shuffle_samples(mt19937_seed_to_state(3), begins, sizes)
-    b = shuffle_samples(mt19937_seed_to_state(3), begins, sizes)
-    c = shuffle_samples(mt19937_seed_to_state(4), begins, sizes)
-    assert np.array_equal(a.begins, b.begins) and a.rng_state_next == b.rng_state_next
-    assert not np.array_equal(a.begins, c.begins)
-    assert sorted(a.begins.tolist()) == sorted(begins.tolist())
-    assert np.all((a.offs >= 0) & ((a.offs < a.sizes) | (a.sizes == 0)))
-    assert a.offs.max() > 0
 
 
 # -- batches ------------------------------------------------------------------------------------------
@@ -327,15 +298,13 @@ def test_resume_shuffle_restarts_on_change_or_force():
 
 
 @pytest.fixture(scope="module")
-def fixture_run(shared):
-    tk = pytest.importorskip("gguf_finetune.tokenizer")
-    if not hasattr(tk, "load_tokenizer"):
-        pytest.skip("gguf_finetune.tokenizer.load_tokenizer not written yet")
+def fixture_run(testdata):
     from gguf_finetune.gguf_io import open_gguf
+    from gguf_finetune.tokenizer import load_tokenizer
 
-    d = shared / FIXTURE
+    d = testdata / FIXTURE
     model = open_gguf(d / "tiny-llama-spm-q8_0.gguf", "model")  # parsed once (32000-entry vocab: slow)
-    tok = tk.load_tokenizer(model)
+    tok = load_tokenizer(model)
     lines = []
     cwd = os.getcwd()
     os.chdir(d)  # llama.cpp was run in that folder with --train-data train.txt

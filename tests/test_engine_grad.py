@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gguf_finetune.engine.backward import loss_and_grad
-from gguf_finetune.engine.lora import LoraLayout, LoraParams, LoraRanks, make_specs
 from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.lora import LoraLayout, LoraParams, LoraRanks, make_specs
 from gguf_finetune.model import Weights, read_hparams
 from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
 

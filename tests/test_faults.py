@@ -31,7 +31,6 @@ from gguf_finetune.synthetic import write_synthetic_model
 from tiny import SPEC, make_run_dir
 
 
-
 def _args(iters: int, *extra: str) -> list[str]:
     return ["--model-base", "m.gguf", "--train-data", "train.txt", "--sample-start", "<s>", "--ctx", "16",
             "--batch", "2", "--seed", "3", "--adam-alpha", "0.01", "--warmup", "2", "--threads", "1",
@@ -202,9 +201,9 @@ def test_disk_full_during_save(trained, monkeypatch, capsys, failing_write, what
 def test_disk_full_in_any_writer_is_one_line(tmp_path, monkeypatch):
     """atomic_path turns an OSError inside any writer (here the legacy .bin one) into a UserError
     naming the file, and removes its temporary file."""
-    from gguf_finetune.engine.lora import LoraRanks, init_lora
     from gguf_finetune.errors import UserError
     from gguf_finetune.formats import ggla
+    from gguf_finetune.lora import LoraRanks, init_lora
 
     write_synthetic_model(tmp_path / "m.gguf", SPEC)
     hp = read_hparams(open_gguf(tmp_path / "m.gguf"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs
 from gguf import GGMLQuantizationType as QT
 
-from gguf_finetune.engine.lora import LoraRanks, init_lora
 from gguf_finetune.errors import UserError
 from gguf_finetune.formats.adapter_gguf import dropped_message, read_adapter_gguf, write_adapter_gguf
 from gguf_finetune.formats.load import describe_adapter, detect_kind, load_adapter
 from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.lora import LoraRanks, init_lora
 from gguf_finetune.model import read_hparams
 from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
 
@@ -98,11 +99,11 @@ def test_f16_bf16(tmp_path, lora_type, qt, rtol):
         write_adapter_gguf(tmp_path / "b.gguf", lora, hp, lora_type="q8_0")
 
 
-def test_scale_one_checkpoint_is_folded(shared, tmp_path):
+def test_scale_one_checkpoint_is_folded(testdata, tmp_path):
     """llama.cpp finetune trained at scale 1: no alpha key, so llama.cpp applies the user scale only."""
     from gguf_finetune.formats.checkpoint import read_checkpoint
 
-    fx = shared / "fixtures" / "llamacpp-tiny"
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
     c = read_checkpoint(fx / "chk-tiny-4.gguf", hp)
     write_adapter_gguf(tmp_path / "a.gguf", c.lora, hp)
@@ -174,8 +175,7 @@ def _llamacpp_logits(model_path, ids, lora_path=None):
 @pytest.mark.interop
 @pytest.mark.parametrize("tied", [False, True])
 def test_llamacpp_applies_our_adapter(tmp_path, tied):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    pytest.importorskip("gguf_finetune.engine.kernels", reason="the forward engine (engine/kernels.py) is not there yet")
+    needs("llama_cpp")
     import gguf_finetune as gf
 
     path = write_synthetic_model(tmp_path / "m.gguf", SyntheticSpec(n_head=4, n_head_kv=2, tied=tied, seed=3))

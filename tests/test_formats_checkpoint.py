@@ -9,15 +9,16 @@ import shutil
 
 import numpy as np
 
-from gguf_finetune.engine.lora import LoraRanks, init_lora
-from gguf_finetune.formats.checkpoint import (OptimizerState, TrainState, read_checkpoint,
-                                              write_checkpoint)
+from gguf_finetune.formats.checkpoint import read_checkpoint, write_checkpoint
 from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.lora import LoraRanks, init_lora
 from gguf_finetune.model import read_hparams
+from gguf_finetune.optim import OptimizerState
+from gguf_finetune.trainer import TrainState
 
 
-def test_llamacpp_checkpoint_loads_with_scale_one(shared):
-    fx = shared / "fixtures" / "llamacpp-tiny"
+def test_llamacpp_checkpoint_loads_with_scale_one(testdata):
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
     c = read_checkpoint(fx / "chk-tiny-4.gguf", hp)
     assert c.from_llamacpp
@@ -31,8 +32,8 @@ def test_llamacpp_checkpoint_loads_with_scale_one(shared):
     assert np.any(c.lora.b["blk.1.ffn_down.weight"] != 0)
 
 
-def test_our_checkpoint_round_trips(tmp_path, shared):
-    fx = shared / "fixtures" / "llamacpp-tiny"
+def test_our_checkpoint_round_trips(tmp_path, testdata):
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
     ranks = LoraRanks.uniform(3, norm_rank=1)
     lora = init_lora(hp, ranks, alpha=6.0, seed=5)
@@ -54,10 +55,10 @@ def test_our_checkpoint_round_trips(tmp_path, shared):
     assert (c.opt.iteration, c.opt.best_loss, c.opt.previous_loss, c.opt.no_improvement_count) == (17, 1.5, 1.75, 2)
 
 
-def test_llamacpp_moments_map_to_our_layout(shared):
+def test_llamacpp_moments_map_to_our_layout(testdata):
     """ggml stores moments in graph order; mapped to our layout, only token_embd's b is sparse
     (rows of tokens never seen have no gradient) and its non-zero rows are the seen tokens."""
-    fx = shared / "fixtures" / "llamacpp-tiny"
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
     c = read_checkpoint(fx / "chk-tiny-4.gguf", hp)
     m = c.opt.v
@@ -73,13 +74,13 @@ def test_llamacpp_moments_map_to_our_layout(shared):
             assert zero_rows == 0, s.name
 
 
-def test_our_checkpoint_has_llamacpps_layout(shared, tmp_path, monkeypatch):
+def test_our_checkpoint_has_llamacpps_layout(testdata, tmp_path, monkeypatch):
     """A checkpoint our finetune writes for the fixture's model and ranks (the fixture's first command,
     one iteration, norm ranks 1 as llama.cpp had them) has exactly chk-tiny-4.gguf's keys with the same
     value types, plus keys under our own prefix only, and the same tensors (names, shapes, types)."""
     from gguf_finetune.cli.finetune import run
 
-    fx = shared / "fixtures" / "llamacpp-tiny"
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     for name in ("tiny-llama-spm-q8_0.gguf", "train.txt"):
         shutil.copy(fx / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)

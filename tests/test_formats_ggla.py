@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gguf_finetune.engine.lora import LoraRanks, init_lora
 from gguf_finetune.errors import UserError
 from gguf_finetune.formats.checkpoint import read_checkpoint
 from gguf_finetune.formats.ggla import ggml_n_dims, read_ggla, read_ggla_header, write_ggla
 from gguf_finetune.formats.load import describe_adapter, detect_kind, load_adapter
 from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.lora import LoraRanks, init_lora
 from gguf_finetune.model import read_hparams
 
 
 @pytest.fixture(scope="module")
-def fx(shared):
-    return shared / "fixtures" / "llamacpp-tiny"
+def fx(testdata):
+    return testdata / "fixtures" / "llamacpp-tiny"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,9 @@ def test_describe_checkpoints(fx, hp, tmp_path):
     d = describe_adapter(fx / "chk-tiny-4.gguf")
     assert d["type"] == "checkpoint" and d["origin"] == "llama.cpp" and d["iteration"] == 4
     assert d["scale_mode"] == "one" and d["alpha"] is None and d["n_params"] == 266309
-    from gguf_finetune.formats.checkpoint import OptimizerState, TrainState, write_checkpoint
+    from gguf_finetune.formats.checkpoint import write_checkpoint
+    from gguf_finetune.optim import OptimizerState
+    from gguf_finetune.trainer import TrainState
 
     ranks = LoraRanks.uniform(4, wq=8)
     lora = init_lora(hp, ranks, alpha=16.0, seed=1)

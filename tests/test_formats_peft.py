@@ -6,18 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import needs
 
-from gguf_finetune.engine.lora import LoraRanks, init_lora
 from gguf_finetune.errors import UserError
 from gguf_finetune.formats.adapter_gguf import write_adapter_gguf
 from gguf_finetune.formats.convert import run_convert
 from gguf_finetune.formats.load import describe_adapter, detect_kind, load_adapter
 from gguf_finetune.formats.peft import permute_rows, read_peft, read_safetensors, unpermute_rows, write_peft
 from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.lora import LoraRanks, init_lora
 from gguf_finetune.model import read_hparams
 from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
 
-pytest.importorskip("safetensors", reason="PEFT export needs the safetensors package")
+needs("safetensors")
 
 
 @pytest.fixture
@@ -97,9 +98,9 @@ def test_gguf_peft_gguf_round_trip_is_exact(model, tmp_path):
     np.testing.assert_array_equal(direct.flat, lora.flat)
 
 
-def test_llamacpp_checkpoint_to_peft_keeps_scales(shared, tmp_path):
+def test_llamacpp_checkpoint_to_peft_keeps_scales(testdata, tmp_path):
     """Scale-1 checkpoint: alpha = r per module (rank-1 norms are dropped)."""
-    fx = shared / "fixtures" / "llamacpp-tiny"
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
     res = run_convert(fx / "chk-tiny-4.gguf", tmp_path / "peft")  # head counts from the checkpoint's keys
     assert len(res.dropped) == 5 and res.warnings and "PEFT cannot adapt" in res.warnings[0]
@@ -151,8 +152,8 @@ def test_refusals(model, tmp_path):
         run_convert(tmp_path / "a.gguf", tmp_path / "x", to="onnx")
 
 
-def test_bin_and_checkpoint_convert(shared, tmp_path):
-    fx = shared / "fixtures" / "llamacpp-tiny"
+def test_bin_and_checkpoint_convert(testdata, tmp_path):
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     hp = read_hparams(open_gguf(fx / "tiny-llama-spm-q8_0.gguf"))
     res = run_convert(fx / "lora-tiny-4.bin", tmp_path / "a.gguf")
     assert res.kind_out == "gguf" and len(res.dropped) == 5 and "norm adapters" in res.warnings[0]

@@ -12,10 +12,11 @@ import re
 
 import numpy as np
 import pytest
+from conftest import needs
 
+from gguf_finetune.api import load_model
 from gguf_finetune.engine.generate import Decoder, Generation, attend_cached, attend_cached_ref
-from gguf_finetune.engine.lora import LoraLayout, LoraParams, LoraRanks, make_specs
-from gguf_finetune.model import load_model
+from gguf_finetune.lora import LoraLayout, LoraParams, LoraRanks, make_specs
 from gguf_finetune.sampling import (
     Sampler,
     SamplerParams,
@@ -272,7 +273,7 @@ def test_sampler_picks_what_llamacpp_picks():
 
     Restricted to chains where llama.cpp versions agree: top-k > 0 (sorted candidates) and at least
     two candidates left (newer llama.cpp draws a random number even for a single candidate)."""
-    L = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    L = needs("llama_cpp")
     import ctypes
 
     def chain(p):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs
 
 import gguf_finetune as gf
 from gguf_finetune.cli.convert import run as convert
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.interop
 
 
 def llamacpp_logits(model_path, ids, lora_path=None):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llama_cpp = needs("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=128, n_batch=128, logits_all=True, embedding=False,
                           verbose=False, n_threads=2, lora_path=None if lora_path is None else str(lora_path),
                           type_k=0, type_v=0, flash_attn=False)
@@ -40,9 +41,9 @@ def delta_error(model_path, adapter, ids) -> tuple[float, float]:
     return float(np.linalg.norm(d_ours - d_lc) / np.linalg.norm(d_ours)), float(np.linalg.norm(d_ours) / np.linalg.norm(ours_base))
 
 
-def test_llamacpp_finetune_checkpoint_converted_runs_in_llamacpp(shared, tmp_path, capsys):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    fx = shared / "fixtures" / "llamacpp-tiny"
+def test_llamacpp_finetune_checkpoint_converted_runs_in_llamacpp(testdata, tmp_path, capsys):
+    needs("llama_cpp")
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     base = fx / "tiny-llama-spm-q8_0.gguf"
     for src in ("chk-tiny-10.gguf", "lora-tiny-10.bin"):
         out = tmp_path / (src + ".gguf")
@@ -69,7 +70,7 @@ def write_f32_copy(src, dst) -> None:
 @pytest.fixture(scope="module")
 def smol_run(smollm2, tmp_path_factory):
     """Train the chat example's adapter (README's persona run, 20 iterations) and make an F32 copy."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    needs("llama_cpp")
     from gguf_finetune.cli.finetune import run as finetune
 
     d = tmp_path_factory.mktemp("smol-interop")
@@ -92,7 +93,7 @@ def strong_run(smollm2, tmp_path_factory):
     5% check on Q4_1 uses an adapter that moves the logits by more than their own norm.  The
     learning-rate schedule does not depend on --adam-iter, so lora-20.gguf equals a 20-iteration run.
     """
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    needs("llama_cpp")
     from gguf_finetune.cli.finetune import run as finetune
 
     d = tmp_path_factory.mktemp("smol-strong")
@@ -257,7 +258,7 @@ def test_where_llamacpp_differs_from_us_on_quantized_weights(smollm2, tmp_path, 
     grow through the layers to ~1e-2.  Shown here by jittering the reproduced model's matmul inputs by 1e-7: its logits move
     by about as much as it differs from llama.cpp, while the exact products move by ~1e-7.
     That is the floor of any comparison with llama.cpp on a Q4_1 model."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    needs("llama_cpp")
     from llamacpp_numerics import LlamaCppMatmuls
 
     def rel(a, b):
@@ -302,7 +303,7 @@ def test_llamacpp_rounding_can_blow_up_one_position(smollm2, strong_run, capsys)
     How far off depends on the adapter, which float32 training at this learning rate reaches only
     up to its own rounding: 115% at that position before the LoRA kernels' summation order changed
     (session 5), 20% after."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    needs("llama_cpp")
     from llamacpp_numerics import LlamaCppMatmuls
 
     adapter = strong_run / "lora-20.gguf"

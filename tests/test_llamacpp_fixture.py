@@ -1,4 +1,4 @@
-"""Reproduce a real llama.cpp finetune run (../shared/fixtures/llamacpp-tiny).
+"""Reproduce a real llama.cpp finetune run (../testdata/fixtures/llamacpp-tiny).
 
 Resume llama.cpp's own checkpoint chk-tiny-4.gguf with the second command of commands.txt, run
 by our `finetune` with the same flags: per-iteration losses must be within 2e-3 of run2.log for
@@ -29,8 +29,8 @@ def losses(text: str) -> dict[int, tuple[float, float]]:
 
 
 @pytest.fixture
-def run_dir(shared, tmp_path):
-    fx = shared / "fixtures" / "llamacpp-tiny"
+def run_dir(testdata, tmp_path):
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     for name in ("tiny-llama-spm-q8_0.gguf", "train.txt"):
         shutil.copy(fx / name, tmp_path / name)
     shutil.copy(fx / "chk-tiny-4.gguf", tmp_path / "chk-tiny-LATEST.gguf")  # as run 1 left it
@@ -82,12 +82,12 @@ def test_resume_llamacpp_checkpoint_reproduces_run2(run_dir, monkeypatch, capsys
     assert np.linalg.norm(g_ours.flat - g_theirs.flat) <= 1e-3 * np.linalg.norm(g_theirs.flat)
 
 
-def test_only_write_lora_of_llamacpp_checkpoint_is_its_bin(shared, tmp_path, monkeypatch, capsys):
+def test_only_write_lora_of_llamacpp_checkpoint_is_its_bin(testdata, tmp_path, monkeypatch, capsys):
     """--only-write-lora on llama.cpp's own checkpoint writes llama.cpp's own adapter, byte for byte,
     named with the checkpoint's iteration, and nothing else (no checkpoint, no metrics)."""
     from gguf_finetune.cli.finetune import run
 
-    fx = shared / "fixtures" / "llamacpp-tiny"
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     shutil.copy(fx / "tiny-llama-spm-q8_0.gguf", tmp_path / "tiny-llama-spm-q8_0.gguf")
     monkeypatch.chdir(tmp_path)
     before = set(p.name for p in tmp_path.iterdir())

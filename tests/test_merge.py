@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs
 from gguf import GGMLQuantizationType as QT
 
-from gguf_finetune.engine.lora import LoraRanks, init_lora
 from gguf_finetune.errors import UserError
 from gguf_finetune.formats.adapter_gguf import write_adapter_gguf
-from gguf_finetune.formats.checkpoint import OptimizerState, TrainState, write_checkpoint
+from gguf_finetune.formats.checkpoint import write_checkpoint
 from gguf_finetune.formats.ggla import write_ggla
 from gguf_finetune.formats.merge import merge_adapters, run_export_lora
 from gguf_finetune.gguf_io import open_gguf
+from gguf_finetune.lora import LoraRanks, init_lora
 from gguf_finetune.model import read_hparams
+from gguf_finetune.optim import OptimizerState
 from gguf_finetune.quants import dequantize_tensor
 from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
+from gguf_finetune.trainer import TrainState
 
 IDS = [1, 300, 301, 302, 310, 400, 5, 77, 123, 260, 42, 17]
 
@@ -82,7 +85,6 @@ def test_merged_tensors_follow_the_formula_and_untouched_are_raw_copies(tmp_path
 
 
 def test_merged_logits_equal_base_plus_adapter(tmp_path):
-    pytest.importorskip("gguf_finetune.engine.kernels", reason="the forward engine (engine/kernels.py) is not there yet")
     import gguf_finetune as gf
 
     for tied in (False, True):
@@ -155,9 +157,9 @@ def test_refusals(tmp_path):
         merge_adapters(path, [], tmp_path / "o.gguf")
 
 
-def test_llamacpp_fixture_bin_with_norms(shared, tmp_path):
+def test_llamacpp_fixture_bin_with_norms(testdata, tmp_path):
     """llama.cpp's own .bin into llama.cpp's own Q8_0 model: norms merged too, F16 by default."""
-    fx = shared / "fixtures" / "llamacpp-tiny"
+    fx = testdata / "fixtures" / "llamacpp-tiny"
     from gguf_finetune.formats.ggla import read_ggla
 
     res = merge_adapters(fx / "tiny-llama-spm-q8_0.gguf", [(fx / "lora-tiny-4.bin", 1.0)], tmp_path / "o.gguf")
@@ -176,8 +178,7 @@ def test_llamacpp_fixture_bin_with_norms(shared, tmp_path):
 def test_llamacpp_runs_merged_model(tmp_path, tied):
     """llama.cpp loads our hand-written GGUF (an untied copy for a tied base) and its logits are ours
     with the adapter applied unmerged."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    pytest.importorskip("gguf_finetune.engine.kernels", reason="the forward engine (engine/kernels.py) is not there yet")
+    needs("llama_cpp")
     from llama_cpp import Llama
 
     import gguf_finetune as gf

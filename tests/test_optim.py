@@ -34,8 +34,8 @@ def _iter_lines(path):
 
 
 @pytest.mark.parametrize("log", ["run1.log", "run2.log"])
-def test_schedule_matches_fixture_logs(shared, log):
-    rows = _iter_lines(shared / FIXTURE / log)
+def test_schedule_matches_fixture_logs(testdata, log):
+    rows = _iter_lines(testdata / FIXTURE / log)
     assert len(rows) >= 5
     for it, _, _, sched, _ in rows:
         assert "%f" % schedule(int(it), FIXTURE_CFG) == sched
@@ -140,12 +140,12 @@ def test_adamw_nondefault_betas_and_eps_match_transcriptions():
 
 
 def test_adam_flags_reach_the_optimizer_config():
-    from gguf_finetune.cli.args import parse_finetune_args
+    from gguf_finetune.cli.finetune_args import parse_finetune_args
 
     a = parse_finetune_args(["--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-alpha", "0.01",
                              "--adam-decay", "0.05", "--adam-gclip", "0.5", "--opt-past", "3", "--opt-delta", "0.01",
                              "--opt-max-no-improvement", "4", "--adam-epsf", "1e-4"])
-    c = a.opt.adamw_config()
+    c = a.train.adam
     assert (c.beta1, c.beta2, c.alpha, c.decay, c.gclip) == (0.8, 0.95, 0.01, 0.05, 0.5)
     assert (c.past, c.delta, c.max_no_improvement, c.eps_f) == (3, 0.01, 4, 1e-4)
     assert c.eps == 1e-8  # not a flag, as in llama.cpp
@@ -221,10 +221,10 @@ def test_eps_f_and_delta():
 
 
 @pytest.fixture(scope="module", params=["chk-tiny-4.gguf", "chk-tiny-10.gguf"])
-def chk(request, shared):
+def chk(request, testdata):
     from gguf_finetune.gguf_io import open_gguf
 
-    return open_gguf(shared / FIXTURE / request.param, "checkpoint")
+    return open_gguf(testdata / FIXTURE / request.param, "checkpoint")
 
 
 def test_param_order_explains_moment_layout(chk):
@@ -250,11 +250,11 @@ def test_param_order_explains_moment_layout(chk):
     assert (segment(llamacpp_file_order(2), "token_embd.weight.lora_b") != 0).mean() == 1.0
 
 
-def test_checkpoint_losses_match_log(chk, shared):
+def test_checkpoint_losses_match_log(chk, testdata):
     """best_loss = first loss a run computed; previous_loss = the loss printed on the saving iteration."""
     it = chk.get_int("training.iteration_count")
     assert chk.get_int("optimizer.iteration_count") == it
-    rows = _iter_lines(shared / FIXTURE / ("run1.log" if it == 4 else "run2.log"))
+    rows = _iter_lines(testdata / FIXTURE / ("run1.log" if it == 4 else "run2.log"))
     by_iter = {int(r[0]): float(r[4]) for r in rows}
     first = min(by_iter)
     assert chk.get_float("optimizer.adam.best_loss") == pytest.approx(by_iter[first + 1], abs=1e-6)

@@ -8,9 +8,10 @@ import re
 
 import numpy as np
 import pytest
+from conftest import needs
 
+from gguf_finetune.api import load_model
 from gguf_finetune.errors import UserError
-from gguf_finetune.model import load_model
 from gguf_finetune.perplexity import n_chunks_for, perplexity, perplexity_ref, read_text_file, tokenize_text
 from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
 
@@ -90,12 +91,12 @@ def test_command_output(tiny, tmp_path, capsys):
 
 @pytest.mark.interop
 @pytest.mark.slow
-def test_perplexity_agrees_with_llamacpp(smollm2, shared, capsys):
+def test_perplexity_agrees_with_llamacpp(smollm2, testdata, capsys):
     """SmolLM2 Q4_1 on the first chunks of shakespeare.txt: our perplexity within 1% of llama.cpp's,
     computed with llama-cpp-python's logits and the same chunking."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llama_cpp = needs("llama_cpp")
     n_ctx, n_chunks = 128, 3
-    text = read_text_file(str(shared / "data" / "shakespeare.txt"))
+    text = read_text_file(str(testdata / "text" / "shakespeare.txt"))
     llm = llama_cpp.Llama(str(smollm2), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                           verbose=False, n_threads=2)
     theirs_tokens = llm.tokenize(text, add_bos=True, special=False)  # add_special: BOS as the vocab says

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from conftest import needs
 
 from gguf_finetune.errors import UserError
 from gguf_finetune.plot import plot_curves, read_metrics
@@ -45,7 +46,7 @@ def test_read_metrics_empty_or_missing(tmp_path):
 
 
 def test_plot_writes_an_image(tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
+    needs("matplotlib")
     from gguf_finetune.cli.plot import run
 
     p = write_lines(tmp_path / "m.jsonl", [{"iter": i, "loss": 3.0 / i} for i in range(1, 20)]

@@ -10,11 +10,9 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 
 from gguf_finetune.cli.finetune import run
 from tiny import TEXT
-
 
 # the lines llama.cpp's finetune prints that we print too (run2.log also has input_size, compute_size,
 # evaluation order and work_size, which describe ggml's buffers, and the model loader's lines)
@@ -44,9 +42,9 @@ def kept(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith(PREFIXES)]
 
 
-def argv_like_fixture(shared, iters: int) -> list[str]:
+def argv_like_fixture(testdata, iters: int) -> list[str]:
     """The fixture's command (commands.txt) on the synthetic model: same flags, files and save rhythm."""
-    argv = shlex.split((shared / "fixtures" / "llamacpp-tiny" / "commands.txt").read_text().splitlines()[0])[1:]
+    argv = shlex.split((testdata / "fixtures" / "llamacpp-tiny" / "commands.txt").read_text().splitlines()[0])[1:]
     assert argv[argv.index("--sample-start") + 1] == "\\n" and "--escape" in argv
     argv[argv.index("--model-base") + 1] = "m.gguf"
     argv[argv.index("--ctx") + 1] = "16"
@@ -54,16 +52,16 @@ def argv_like_fixture(shared, iters: int) -> list[str]:
     return argv
 
 
-def test_stdout_lines_have_llamacpps_shapes(shared, work, capsys):
+def test_stdout_lines_have_llamacpps_shapes(testdata, work, capsys):
     """Run 1 (4 iterations) and run 2 (resumed, 6 more, saving every 2) as in commands.txt: run 2's
     lines are run2.log's lines, number for number, in the same order, once numbers, durations, file
     names and bar lengths are masked; then the masked parts themselves are checked."""
     (work / "train.txt").write_text(TEXT.replace("<s>", ""))  # samples start after '\n', as in the fixture
-    assert run(argv_like_fixture(shared, 4)) == 0
+    assert run(argv_like_fixture(testdata, 4)) == 0
     capsys.readouterr()
-    assert run(argv_like_fixture(shared, 6)) == 0
+    assert run(argv_like_fixture(testdata, 6)) == 0
     out = capsys.readouterr().out
-    ref = (shared / "fixtures" / "llamacpp-tiny" / "run2.log").read_text()
+    ref = (testdata / "fixtures" / "llamacpp-tiny" / "run2.log").read_text()
     assert [shape(ln) for ln in kept(out)] == [shape(ln) for ln in kept(ref)]
 
     # the numbers of the start-up lines: the checkpoint of run 1 (4 updates of 2 samples of 16 tokens)

@@ -93,27 +93,27 @@ def test_hash_combine_and_bytes():
 # -- the llama.cpp fixture --------------------------------------------------------------------------
 
 
-def _fixture_rng_state(shared, name):
+def _fixture_rng_state(testdata, name):
     from gguf_finetune.gguf_io import open_gguf
 
-    f = open_gguf(shared / FIXTURE / name, "checkpoint")
+    f = open_gguf(testdata / FIXTURE / name, "checkpoint")
     return f.get_str("training.shuffle.rng_state")
 
 
 @pytest.mark.parametrize("name", ["chk-tiny-4.gguf", "chk-tiny-10.gguf"])
-def test_fixture_rng_state_is_seed_7(shared, name):
+def test_fixture_rng_state_is_seed_7(testdata, name):
     # runs were seeded with --seed 7 and never finished an epoch: the stored state is mt19937(7)'s
-    s = _fixture_rng_state(shared, name)
+    s = _fixture_rng_state(testdata, name)
     assert s == mt19937_seed_to_state(7)
     assert MT19937.from_state_string(s).state_string() == s
 
 
-def test_fixture_lora_init_is_llamacpp_normal(shared):
+def test_fixture_lora_init_is_llamacpp_normal(testdata):
     """chk-tiny-4's lora_a tensors are the seed-7 init moved by 3 small Adam steps (alpha 0.02)."""
     from gguf_finetune.gguf_io import open_gguf
     from gguf_finetune.optim import llamacpp_file_order
 
-    f = open_gguf(shared / FIXTURE / "chk-tiny-4.gguf", "checkpoint")
+    f = open_gguf(testdata / FIXTURE / "chk-tiny-4.gguf", "checkpoint")
     names = [n for n in llamacpp_file_order(2) if n.endswith("lora_a")]
     shapes = [tuple(int(x) for x in f.tensor(n).shape.tolist()) for n in names]
     got = np.concatenate([np.asarray(f.tensor(n).data, dtype=np.float32).ravel() for n in names])
@@ -171,7 +171,7 @@ int main() {
 def cpp_out(tmp_path_factory):
     gxx = shutil.which("g++")
     if gxx is None:
-        pytest.skip("g++ not installed")
+        pytest.skip("optional: g++ not installed (the C++ reference needs a compiler)")
     d = tmp_path_factory.mktemp("cpp")
     (d / "x.cpp").write_text(CPP)
     subprocess.run([gxx, "-O1", "-o", str(d / "x"), str(d / "x.cpp")], check=True)
@@ -195,7 +195,7 @@ def test_cpp_state_string_after_draws(cpp_out):
 
 
 def test_cpp_llamacpp_shuffle(cpp_out):
-    from gguf_finetune.data.text import shuffle_samples
+    from gguf_finetune.data.batches import shuffle_samples
 
     _, lines = cpp_out
     n = 488

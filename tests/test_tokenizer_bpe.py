@@ -12,12 +12,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import OPTIONAL
 
 from gguf_finetune.gguf_io import open_gguf
-from gguf_finetune.tokenizer import BPETokenizer, load_tokenizer
+from gguf_finetune.tokenizer import BPETokenizer, load_tokenizer, utf8
 from gguf_finetune.tokenizer import reference as ref
 from gguf_finetune.tokenizer import unicode_flags as uf
-from gguf_finetune.tokenizer import utf8
 from gguf_finetune.tokenizer.base import Tokenizer
 from gguf_finetune.tokenizer.bpe import BYTE_TO_CHAR, to_byte_chars
 from gguf_finetune.tokenizer.gguf_meta import GGUFMeta
@@ -30,22 +30,22 @@ def smol(smollm2) -> BPETokenizer:
     return load_tokenizer(smollm2)
 
 
-def load_cases(shared: Path, name: str):
-    return json.loads((shared / "reference" / name).read_text(encoding="utf-8"))["cases"]
+def load_cases(testdata: Path, name: str):
+    return json.loads((testdata / "reference" / name).read_text(encoding="utf-8"))["cases"]
 
 
 # -- SmolLM2 against llama.cpp's recorded ids ------------------------------------------------------
 
-def test_smollm2_reference_ids(smol, shared):
-    cases = load_cases(shared, "smollm2-tokenizer.json")
+def test_smollm2_reference_ids(smol, testdata):
+    cases = load_cases(testdata, "smollm2-tokenizer.json")
     assert len(cases) == 55
     bad = [(c["text"], smol.encode(c["text"], False, False), c["tokens"])
            for c in cases if smol.encode(c["text"], False, False) != c["tokens"]]
     assert not bad
 
 
-def test_smollm2_reference_ids_parse_special(smol, shared):
-    cases = load_cases(shared, "smollm2-tokenizer-special.json")
+def test_smollm2_reference_ids_parse_special(smol, testdata):
+    cases = load_cases(testdata, "smollm2-tokenizer-special.json")
     for c in cases:
         assert smol.encode(c["text"], False, True) == c["tokens"]
         assert smol.detokenize(c["tokens"], special=True) == c["text"]
@@ -53,8 +53,8 @@ def test_smollm2_reference_ids_parse_special(smol, shared):
     assert 1 not in smol.encode(cases[0]["text"])
 
 
-def test_smollm2_roundtrip(smol, shared):
-    for c in load_cases(shared, "smollm2-tokenizer.json"):
+def test_smollm2_roundtrip(smol, testdata):
+    for c in load_cases(testdata, "smollm2-tokenizer.json"):
         assert smol.detokenize(c["tokens"]) == c["text"]
 
 
@@ -348,7 +348,7 @@ def test_cache_does_not_change_results(smol):
 
 # -- against llama.cpp itself --------------------------------------------------------------------
 
-needs_llamacpp = pytest.mark.skipif(not ref.available(), reason="llama-cpp-python not installed")
+needs_llamacpp = pytest.mark.skipif(not ref.available(), reason=OPTIONAL["llama_cpp"])
 
 
 def compare_with_llamacpp(path: Path, n: int, seed: int) -> None:

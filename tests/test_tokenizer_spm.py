@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from conftest import OPTIONAL
 
 from gguf_finetune.errors import UserError
 from gguf_finetune.gguf_io import open_gguf
@@ -43,8 +44,8 @@ def read_vocab_tests(vocab: Path) -> list[tuple[str, list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def spm_path(shared) -> Path:
-    return shared / "vocab" / "ggml-vocab-llama-spm.gguf"
+def spm_path(testdata) -> Path:
+    return testdata / "vocab" / "ggml-vocab-llama-spm.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def test_megabyte_round_trip(spm_path, megabyte_text):
 # -- against llama.cpp itself --------------------------------------------------------------------
 
 @pytest.mark.interop
-@pytest.mark.skipif(not ref.available(), reason="llama-cpp-python not installed")
+@pytest.mark.skipif(not ref.available(), reason=OPTIONAL["llama_cpp"])
 @pytest.mark.parametrize("which", ["llama-spm", "tiny", "tiny-nospace"])
 def test_matches_llamacpp(which, spm_path, tmp_path):
     if which == "llama-spm":

@@ -19,7 +19,6 @@ from gguf_finetune.model import read_hparams
 from tiny import TEXT
 
 
-
 def finetune(*extra: str, iters: int, capsys=None) -> str:
     argv = ["--model-base", "m.gguf", "--train-data", "train.txt", "--sample-start", "<s>", "--ctx", "16",
             "--batch", "2", "--seed", "3", "--adam-alpha", "0.01", "--warmup", "2", "--threads", "1",

@@ -53,8 +53,8 @@ def test_text_subsets_and_windows():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from gguf_finetune.engine.lora import LoraRanks, init_lora
-    from gguf_finetune.model import load_model
+    from gguf_finetune.api import load_model
+    from gguf_finetune.lora import LoraRanks, init_lora
     from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
 
     p = write_synthetic_model(tmp_path_factory.mktemp("m") / "m.gguf",

@@ -21,14 +21,14 @@ from .errors import UsageError, UserError  # noqa: F401
 
 
 def load_model(*args, **kwargs):
-    """See :func:`gguf_finetune.model.load_model`."""
-    from .model import load_model as _load
+    """See :func:`gguf_finetune.api.load_model`."""
+    from .api import load_model as _load  # lazy: `import gguf_finetune` stays light (no numba)
 
     return _load(*args, **kwargs)
 
 
 def load_tokenizer(src):
     """Tokenizer from a GGUF file's metadata (a path or an open GGUFFile)."""
-    from .tokenizer import load_tokenizer as _load
+    from .tokenizer import load_tokenizer as _load  # lazy: as load_model
 
     return _load(src)

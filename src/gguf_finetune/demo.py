@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -23,8 +23,6 @@ def default_model_path() -> Path:
 
 def run(argv: list[str], prog: str = "gguf-finetune demo-model") -> int:
     """``gguf-finetune demo-model``: print the packaged model's path (for $(...) in a shell)."""
-    from .errors import UsageError
-
     if argv:
         raise UsageError(f"takes no arguments, got {argv[0]!r}")
     print(default_model_path())

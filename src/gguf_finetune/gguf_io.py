@@ -8,6 +8,7 @@ rename, so an interrupted write never leaves a half-written file under the final
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import UserError
 
@@ -141,8 +143,6 @@ class _Reader(GGUFReader):
 
     def _build_tensors(self, start_offs, fields):
         """Check every tensor's type, shape and data range (exact integers) before gguf-py views it."""
-        from gguf.constants import GGML_QUANT_SIZES
-
         size = int(self._plain.shape[0])
         for field in fields:
             _name_len, name_data, n_dims, dims, raw_dtype, offset_tensor = field.parts
@@ -446,8 +446,6 @@ def _umask() -> int:
 
 
 def _os_reason(e: OSError, folder: Path) -> str:
-    import errno
-
     if e.errno == errno.ENOENT and not folder.is_dir():
         return f"folder '{folder}' does not exist"
     if e.errno == errno.ENOSPC:
@@ -461,8 +459,6 @@ def write_gguf_atomic(writer_fill, dest: str | os.PathLike, arch: str) -> None:
     ``writer_fill`` must only call ``add_*`` methods; this function writes header, kv data and
     tensors.
     """
-    from gguf import GGUFWriter
-
     with atomic_path(dest) as tmp:
         w = GGUFWriter(str(tmp), arch)
         writer_fill(w)

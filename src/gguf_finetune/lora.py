@@ -15,56 +15,34 @@ AdamW and checkpoint I/O are single vector operations over flat arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 import numpy as np
 
-from ..errors import UserError
-from ..model import HParams
-
-# target key (as in --rank-* flags) -> base tensor name pattern and kind
-LAYER_TARGETS = {
-    "att_norm": ("attn_norm", "norm"),
-    "wq": ("attn_q", "mat"),
-    "wk": ("attn_k", "mat"),
-    "wv": ("attn_v", "mat"),
-    "wo": ("attn_output", "mat"),
-    "ffn_norm": ("ffn_norm", "norm"),
-    "ffn_gate": ("ffn_gate", "mat"),
-    "ffn_down": ("ffn_down", "mat"),
-    "ffn_up": ("ffn_up", "mat"),
-}
-GLOBAL_TARGETS = {
-    "tok_embd": ("token_embd", "embd"),
-    "out_norm": ("output_norm", "norm"),
-    "out": ("output", "mat"),
-}
+from .arch import SUPPORTED, TARGETS, Target, get_arch, weight
+from .config import DEFAULT_RANK
+from .errors import UserError
+from .model import HParams
+from .stdcpp import llamacpp_randomize_normal
 
 
-@dataclass(frozen=True)
-class LoraRanks:
-    """Rank per target (0 = not adapted).  Norm ranks default to 0 here (llama.cpp: 1)."""
+def _default_rank(t: Target) -> int:
+    """Matrices: --lora-r; norms: 0 = not adapted (llama.cpp: 1; today's llama.cpp ignores norm adapters)."""
+    return 0 if t.is_norm else DEFAULT_RANK
 
-    tok_embd: int = 4
-    out_norm: int = 0
-    out: int = 4
-    att_norm: int = 0
-    wq: int = 4
-    wk: int = 4
-    wv: int = 4
-    wo: int = 4
-    ffn_norm: int = 0
-    ffn_gate: int = 4
-    ffn_down: int = 4
-    ffn_up: int = 4
 
-    @classmethod
-    def uniform(cls, r: int, norm_rank: int = 0, **overrides) -> "LoraRanks":
-        vals = {k: r for k in cls.__dataclass_fields__}
-        for k in ("att_norm", "ffn_norm", "out_norm"):
-            vals[k] = norm_rank
-        vals.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**vals)
+def _uniform(cls, r: int, norm_rank: int = 0, **overrides) -> "LoraRanks":
+    """Rank ``r`` for every matrix, ``norm_rank`` for every norm, then ``overrides`` (None: ignored)."""
+    vals = {t.key: norm_rank if t.is_norm else r for t in TARGETS}
+    vals.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**vals)
+
+
+# Rank per target (0 = not adapted): one int field per entry of arch.TARGETS, e.g. ranks.wq.
+LoraRanks = make_dataclass(
+    "LoraRanks", [(t.key, int, field(default=_default_rank(t))) for t in TARGETS], frozen=True,
+    namespace={"uniform": classmethod(_uniform), "__module__": __name__,
+               "__doc__": "Rank per LoRA target (arch.TARGETS keys; 0 = not adapted)."})
 
 
 @dataclass(frozen=True)
@@ -86,31 +64,18 @@ class LoraSpec:
         return (self.n_out, self.rank)
 
 
-def base_dims(hp: HParams, base: str) -> tuple[int, int]:
-    """(n_out, n_in) of a base tensor name; norms are (1, n_embd); token_embd is (n_vocab, n_embd)."""
-    C, F, V, Ckv = hp.n_embd, hp.n_ff, hp.n_vocab, hp.n_embd_kv
-    return {
-        "token_embd": (V, C), "output": (V, C), "output_norm": (1, C),
-        "attn_norm": (1, C), "ffn_norm": (1, C), "attn_q": (C, C), "attn_k": (Ckv, C),
-        "attn_v": (Ckv, C), "attn_output": (C, C), "ffn_gate": (F, C), "ffn_up": (F, C),
-        "ffn_down": (C, F),
-    }[base]
-
-
 def make_specs(hp: HParams, ranks: LoraRanks) -> list[LoraSpec]:
     """The adapted tensors, in llama.cpp finetune's order (globals, then layer by layer)."""
+    arch = get_arch(hp.arch)
+    if arch is None:
+        raise UserError(f"architecture '{hp.arch}' is not supported (supported: {', '.join(SUPPORTED)})")
+    targets = [t for t in arch.targets() if getattr(ranks, t.key) > 0]
     specs = []
-    for key, (base, kind) in GLOBAL_TARGETS.items():
-        r = getattr(ranks, key)
-        if r > 0:
-            n_out, n_in = base_dims(hp, base)
-            specs.append(LoraSpec(base + ".weight", kind, n_in, n_out, r))
-    for i in range(hp.n_layer):
-        for key, (base, kind) in LAYER_TARGETS.items():
-            r = getattr(ranks, key)
-            if r > 0:
-                n_out, n_in = base_dims(hp, base)
-                specs.append(LoraSpec(f"blk.{i}.{base}.weight", kind, n_in, n_out, r))
+    for il in [None] + list(range(hp.n_layer)):
+        for t in targets:
+            if t.per_layer == (il is not None):
+                n_out, n_in = hp.lora_dims(t.tensor)
+                specs.append(LoraSpec(weight(t.tensor, il), t.kind, n_in, n_out, getattr(ranks, t.key)))
     return specs
 
 
@@ -204,8 +169,6 @@ def init_lora(hp: HParams, ranks: LoraRanks, alpha: float, seed: int, dtype=np.f
     """New adapter, initialised as llama.cpp's finetune does: every ``b`` zero, every ``a`` drawn
     from one std::mt19937(seed) normal stream, clamped to [-1, 1] and scaled by 1/sqrt(r + n_in)
     (stdcpp.llamacpp_randomize_normal), tensor by tensor in file order."""
-    from ..stdcpp import llamacpp_randomize_normal
-
     if alpha <= 0:
         raise UserError(f"--lora-alpha must be positive, got {alpha}")
     layout = LoraLayout(make_specs(hp, ranks))

@@ -1,7 +1,7 @@
-"""A llama-architecture GGUF model: hyper-parameters, memory-mapped weights, tokenizer.
+"""A GGUF model's hyper-parameters and memory-mapped weights.
 
-``load_model(path)`` reads the header, checks every tensor the llama graph needs (name, shape,
-type), and keeps tensor data memory-mapped.  Float32 base weights come from :class:`Weights`:
+``read_hparams`` reads the header for the family's graph (arch.py), ``check_tensors`` checks every
+tensor it needs (name, shape, type); tensor data stays memory-mapped.  Float32 base weights come from :class:`Weights`:
 either a float32 cache of every layer (when it fits the memory budget) or per-layer
 dequantization into two reused scratch sets.  Results are identical either way.
 """
@@ -11,20 +11,33 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from . import quants
+from .arch import (
+    ARCHS,
+    ATTN_K,
+    ATTN_NORM,
+    ATTN_OUT,
+    ATTN_Q,
+    ATTN_V,
+    FFN_DOWN,
+    FFN_GATE,
+    FFN_NORM,
+    FFN_UP,
+    OUTPUT,
+    OUTPUT_NORM,
+    SUPPORTED,
+    TOKEN_EMBD,
+    Arch,
+)
 from .errors import UserError
-from .gguf_io import GGUFFile, open_gguf
-
-SUPPORTED_ARCHS = ("llama",)
+from .gguf_io import GGUFFile
 
 # per-layer weight names, in the order they are used
-LAYER_MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-LAYER_NORMS = ("attn_norm", "ffn_norm")
+LAYER_MATS = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)
+LAYER_NORMS = (ATTN_NORM, FFN_NORM)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,11 @@ class HParams:
     arch: str = "llama"
 
     @property
+    def spec(self) -> Arch:
+        """The family's entry in arch.ARCHS."""
+        return ARCHS[self.arch]
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
@@ -56,6 +74,15 @@ class HParams:
     @property
     def n_gqa(self) -> int:
         return self.n_head // self.n_head_kv
+
+    def lora_dims(self, base: str) -> tuple[int, int]:
+        """(n_out, n_in) of a LoRA target's base tensor: norms are (1, n_embd), token_embd (n_vocab, n_embd)."""
+        C, F, V, Ckv = self.n_embd, self.n_ff, self.n_vocab, self.n_embd_kv
+        return {
+            TOKEN_EMBD: (V, C), OUTPUT: (V, C), OUTPUT_NORM: (1, C), ATTN_NORM: (1, C),
+            FFN_NORM: (1, C), ATTN_Q: (C, C), ATTN_K: (Ckv, C), ATTN_V: (Ckv, C),
+            ATTN_OUT: (C, C), FFN_GATE: (F, C), FFN_UP: (F, C), FFN_DOWN: (C, F),
+        }[base]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected numpy shapes (rows = outputs) of every tensor of the llama graph."""
@@ -88,9 +115,9 @@ class HParamOverrides:
 
 def read_hparams(f: GGUFFile, overrides: HParamOverrides | None = None) -> HParams:
     arch = f.get_str("general.architecture", "")
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in SUPPORTED:
         shown = arch or "(missing general.architecture)"
-        raise UserError(f"{f.what} '{f.path}': unsupported architecture '{shown}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise UserError(f"{f.what} '{f.path}': unsupported architecture '{shown}' (supported: {', '.join(SUPPORTED)})")
     a = arch + "."
     if "token_embd.weight" not in f.tensors:
         raise UserError(f"{f.what} '{f.path}': missing tensor 'token_embd.weight'")
@@ -311,65 +338,3 @@ def default_budget() -> int:
     if env:
         return parse_size(env)
     return int(available_memory() * 0.5)
-
-
-class Model:
-    """A loaded model: ``hparams``, ``weights``, ``tokenizer``; ``logits(ids)`` runs the forward pass."""
-
-    def __init__(self, path: str | os.PathLike, f: GGUFFile, hp: HParams, weights: Weights, tokenizer):
-        self.path = Path(path)
-        self.gguf = f
-        self.hparams = hp
-        self.weights = weights
-        self.tokenizer = tokenizer
-        self.lora = None  # engine.lora.LoraParams applied at inference (adapters=...)
-
-    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
-        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.detokenize(ids)
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits for every position: [len(ids)] -> [len(ids), n_vocab] float32."""
-        from .engine.forward import forward_logits
-
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 1 or ids.size == 0:
-            raise UserError("logits: expected a non-empty 1-D sequence of token ids")
-        if ids.min() < 0 or ids.max() >= self.hparams.n_vocab:
-            raise UserError(f"logits: token id out of range [0, {self.hparams.n_vocab})")
-        return forward_logits(self.weights, self.hparams, ids[None, :], self.lora)[0]
-
-
-def load_model(
-    path: str | os.PathLike,
-    adapters: Sequence[tuple[str | os.PathLike, float]] = (),
-    overrides: HParamOverrides | None = None,
-    memory_budget: int | None = None,
-    dtype=np.float32,
-    with_tokenizer: bool = True,
-    cache_head: bool | None = None,
-) -> Model:
-    """Open a GGUF model memory-mapped, check its tensors, build its tokenizer, apply adapters."""
-    f = open_gguf(path, "model")
-    hp = read_hparams(f, overrides)
-    check_tensors(f, hp)
-    tok = None
-    if with_tokenizer:
-        from .tokenizer import load_tokenizer
-
-        tok = load_tokenizer(f)
-        if tok.n_vocab != hp.n_vocab:  # llama.cpp refuses such a model too (token_embd has the wrong shape)
-            raise UserError(f"model '{f.path}': the vocabulary has {tok.n_vocab} tokens, but 'token_embd.weight' "
-                            f"has {hp.n_vocab} rows")
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
-                    "tokenizer.ggml.merges"):
-            f.drop_field(key)  # the tokenizer holds its own copy; the parsed fields cost tens of MB
-    weights = Weights(f, hp, budget=memory_budget, dtype=dtype, cache_head=cache_head)
-    model = Model(path, f, hp, weights, tok)
-    if adapters:
-        from .formats.load import load_adapters
-
-        model.lora = load_adapters(adapters, hp, dtype=dtype)
-    return model

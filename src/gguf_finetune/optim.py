@@ -18,6 +18,26 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit, prange
 
+from .arch import (
+    ARCHS,
+    ATTN_K,
+    ATTN_NORM,
+    ATTN_OUT,
+    ATTN_Q,
+    ATTN_QKV,
+    ATTN_V,
+    FFN_DOWN,
+    FFN_GATE,
+    FFN_NORM,
+    FFN_UP,
+    OUTPUT,
+    OUTPUT_NORM,
+    TOKEN_EMBD,
+    Arch,
+    weight,
+)
+from .config import AdamWConfig
+
 F32 = np.float32
 
 
@@ -39,42 +59,23 @@ def powf(a: float, b: float) -> np.float32:
     return F32(_powf(F32(a), F32(b)))
 
 
-@dataclass(frozen=True)
-class AdamWConfig:
-    """finetune's optimizer flags (defaults = llama.cpp's defaults).  Floats are used as float32.
+@dataclass
+class OptimizerState:
+    """AdamW state as llama.cpp's ggml_opt_context keeps it."""
 
-    alpha           --adam-alpha        base learning rate
-    min_alpha       --adam-min-alpha    floor of the schedule, in learning-rate units
-    decay           --adam-decay        AdamW weight decay (multiplied by alpha and sched)
-    decay_min_ndim  --adam-decay-min-ndim  decay only tensors with at least this many dims
-    beta1, beta2    --adam-beta1/2
-    eps             (not a flag)        1e-8, added to sqrt(v̂)
-    gclip           --adam-gclip        clip the global gradient norm to this; 0 disables
-    eps_f           --adam-epsf         relative-change convergence test; <= 0 disables
-    n_iter          --adam-iter         optimizer iterations per run
-    past, delta     --opt-past/--opt-delta  delta convergence test over `past` iterations; past 0 disables
-    max_no_improvement  --opt-max-no-improvement; <= 0 disables
-    warmup, cos_decay_steps, cos_decay_restart, cos_decay_min, enable_restart: the schedule
-    """
+    m: np.ndarray  # first moments, flat, same layout as the LoRA buffer
+    v: np.ndarray  # second moments
+    iteration: int = 0  # optimizer.iteration_count (Adam's t)
+    just_initialized: bool = True
+    best_loss: float = 0.0
+    previous_loss: float = 0.0
+    no_improvement_count: int = 0
+    past_loss_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
-    alpha: float = 1e-3
-    min_alpha: float = 0.0
-    decay: float = 0.1
-    decay_min_ndim: int = 2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    gclip: float = 1.0
-    eps_f: float = 0.0
-    n_iter: int = 256
-    past: int = 0
-    delta: float = 1e-5
-    max_no_improvement: int = 0
-    warmup: int = 100
-    cos_decay_steps: int = 1000
-    cos_decay_restart: float = 1.1
-    cos_decay_min: float = 0.1
-    enable_restart: bool = False
+    @classmethod
+    def zeros(cls, n: int, past: int = 0) -> "OptimizerState":
+        return cls(np.zeros(n, np.float32), np.zeros(n, np.float32),
+                   past_loss_values=np.zeros(past, dtype=np.float32))
 
 
 # -- schedule -------------------------------------------------------------------------------------
@@ -284,43 +285,45 @@ class ConvergenceState:
 
 
 # -- parameter order ------------------------------------------------------------------------------
-_LAYER_HEAD = ("ffn_down", "ffn_gate", "ffn_norm", "attn_output", "attn_norm")
-_LAYER_TAIL = ("attn_v", "attn_k", "attn_q", "ffn_up")
+_LAYER_HEAD = (FFN_DOWN, FFN_GATE, FFN_NORM, ATTN_OUT, ATTN_NORM)
+_LAYER_TAIL = (ATTN_QKV, ATTN_V, ATTN_K, ATTN_Q, FFN_UP)  # (llama.cpp never trained attn_qkv)
 
 
-def llamacpp_param_order(n_layer: int) -> list[str]:
+def llamacpp_param_order(n_layer: int, arch: Arch | None = ARCHS["llama"]) -> list[str]:
     """LoRA tensor names (``<base>.weight.lora_a`` / ``lora_b``) in the order ggml's optimizer flattens
     them — the layout of ``optimizer.adam.first_moments`` / ``second_moments`` in finetune's checkpoint.
 
     It is the order parameters are first reached by a depth-first, left-to-right walk of the forward
     graph from the loss (evaluation order LEFT_TO_RIGHT): output, output_norm, then the last layer's
     ffn_down, ffn_gate, ffn_norm, attn_output, attn_norm, then (recursively) everything of the layers
-    below and token_embd, then that layer's attn_v, attn_k, attn_q, ffn_up.
+    below and token_embd, then that layer's attn_v, attn_k, attn_q, ffn_up.  Families llama.cpp's
+    finetune did not train use the same walk over the tensors they have (``arch``; None: every
+    tensor a block of any family may have).
     """
 
-    def ab(base: str) -> list[str]:
-        return [f"{base}.weight.lora_a", f"{base}.weight.lora_b"]
+    def ab(base: str, il: int | None = None) -> list[str]:
+        name = weight(base, il)
+        return [f"{name}.lora_a", f"{name}.lora_b"] if il is None or arch is None or base in arch.block else []
 
     # = output, output_norm, block(n_layer-1) with block(il) = head(il) + block(il-1) + tail(il)
     # and block(-1) = token_embd, unrolled (deep models would hit the recursion limit)
-    names = ab("output") + ab("output_norm")
+    names = ab(OUTPUT) + ab(OUTPUT_NORM)
     heads, tails = [], []
     for il in range(n_layer - 1, -1, -1):
-        heads += [n for t in _LAYER_HEAD for n in ab(f"blk.{il}.{t}")]
+        heads += [n for t in _LAYER_HEAD for n in ab(t, il)]
     for il in range(n_layer):
-        tails += [n for t in _LAYER_TAIL for n in ab(f"blk.{il}.{t}")]
-    return names + heads + ab("token_embd") + tails
+        tails += [n for t in _LAYER_TAIL for n in ab(t, il)]
+    return names + heads + ab(TOKEN_EMBD) + tails
 
 
-def llamacpp_file_order(n_layer: int) -> list[str]:
+def llamacpp_file_order(n_layer: int, arch: Arch = ARCHS["llama"]) -> list[str]:
     """The order finetune writes the LoRA tensors in its checkpoint and .bin (set_param order)."""
+    targets = arch.targets()
     names: list[str] = []
-    for base in ("token_embd", "output_norm", "output"):
-        names += [f"{base}.weight.lora_a", f"{base}.weight.lora_b"]
-    per = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_down", "ffn_up")
-    for il in range(n_layer):
-        for t in per:
-            names += [f"blk.{il}.{t}.weight.lora_a", f"blk.{il}.{t}.weight.lora_b"]
+    for il in [None] + list(range(n_layer)):
+        for t in targets:
+            if t.per_layer == (il is not None):
+                names += [weight(t.tensor, il) + ".lora_a", weight(t.tensor, il) + ".lora_b"]
     return names
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from .engine import kernels as K
 from .engine.generate import Decoder
 from .errors import UserError
+from .gguf_io import check_readable_file
 
 
 @dataclass
@@ -52,8 +53,6 @@ def tokenize_text(tokenizer, text: str | bytes) -> list[int]:
 
 def read_text_file(path: str) -> bytes:
     """The file's bytes as llama.cpp's ``-f`` reads them: one trailing newline removed."""
-    from .gguf_io import check_readable_file
-
     data = check_readable_file(path, "text file").read_bytes()
     return data[:-1] if data.endswith(b"\n") else data
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .gguf_io import atomic_path
 
 
 @dataclass
@@ -70,11 +71,12 @@ def read_metrics(path: str | os.PathLike) -> Curves:
 
 def _pyplot():
     try:
+        # optional: matplotlib (the [plot] extra)
         import matplotlib
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (after choosing the backend)
 
     return plt
 
@@ -82,14 +84,13 @@ def _pyplot():
 def plot_curves(c: Curves, out: str | os.PathLike, title: str = "") -> None:
     """Draw loss (and val_loss) against iteration into ``out`` (format from its extension)."""
     plt = _pyplot()
-    from .gguf_io import atomic_path
-
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
         if c.train_iter:
             ax.plot(c.train_iter, c.train_loss, lw=1.0, color="tab:blue", label="training loss")
         if c.val_iter:
             ax.plot(c.val_iter, c.val_loss, lw=1.5, color="tab:orange", marker="o", ms=3, label="validation loss")
+        # optional: matplotlib
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -15,9 +15,14 @@ Kernels run ``prange`` over rows (``parallel=True``); the caller sets the thread
 
 from __future__ import annotations
 
+import platform
+
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -114,10 +119,6 @@ def _native_half_conversion() -> bool:
     Elsewhere it would become a call into a runtime library the JIT may not have, so the integer
     version is used instead.
     """
-    import platform
-
-    import numba
-    from llvmlite import binding as llvm
 
     if numba.config.CPU_NAME or numba.config.CPU_FEATURES:  # portable/generic builds
         return False
@@ -648,8 +649,6 @@ def dequantize_tensor(t, out: np.ndarray | None = None) -> np.ndarray:
 
 def dequantize_reference(raw: np.ndarray, qtype) -> np.ndarray:
     """The slow numpy reference: ``gguf.quants.dequantize`` on the same input, as float32."""
-    from gguf import quants as gq
-
     qtype = check_supported(qtype, "dequantize_reference")
     src, lead, cols = _rows_view(raw, qtype)
     if qtype == QT.F32:

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
 
 def format_duration(ms: float) -> str:
     """llama.cpp's print_duration: '%.1fms' below a second, else [Nd ]HH:MM:SS."""
@@ -72,8 +74,6 @@ class ProgressBar:
     """A tqdm bar on stderr: iterations, loss, tokens/s, ETA."""
 
     def __init__(self, total: int, initial: int = 0, file: TextIO | None = None):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, initial=0, file=file or sys.stderr, unit="it", dynamic_ncols=True,
                         leave=False, desc="finetune")
         self.first: int | None = None

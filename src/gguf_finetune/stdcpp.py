@@ -15,6 +15,9 @@ Only libstdc++ (GCC, Linux) semantics are reproduced; libc++ (macOS) writes a di
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import numpy as np
 from numba import njit
 
@@ -182,9 +185,6 @@ def polar_mult(r2: np.ndarray) -> np.ndarray:
 def polar_mult_ref(r2: np.ndarray) -> np.ndarray:
     """Slow reference of :func:`polar_mult`: the C library's logf through ctypes, one call per value.
     (numpy's float32 log and a rounded float64 log both differ from glibc's logf in ~1% of cases.)"""
-    import ctypes
-    import ctypes.util
-
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     libm.logf.restype = ctypes.c_float
     libm.logf.argtypes = [ctypes.c_float]

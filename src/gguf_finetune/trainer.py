@@ -16,30 +16,30 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
+from .config import TrainConfig
 from .engine.backward import loss_and_grad
-from .engine.lora import LoraParams
 from .errors import UserError
-from .formats.checkpoint import OptimizerState, TrainState
-from .optim import AdamWConfig, ConvergenceState, adamw_step, schedule
+from .lora import LoraParams
+from .optim import ConvergenceState, OptimizerState, adamw_step, schedule
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Loop settings (llama.cpp flag names in comments)."""
+@dataclass
+class TrainState:
+    """Counters and data-pipeline state (llama.cpp's train_state + shuffle keys)."""
 
-    n_ctx: int = 128  # -c/--ctx
-    n_batch: int = 8  # -b/--batch
-    grad_acc: int = 1  # --grad-acc
-    save_every: int = 10  # --save-every (<= 0: only at the end)
-    epochs: int = -1  # --epochs (<= 0: no limit)
-    checkpointing: bool = True  # --use-checkpointing / --no-checkpointing
-    flash: bool = True  # --use-flash / --no-flash
-    adam: AdamWConfig = field(default_factory=AdamWConfig)
+    iteration: int = 0  # training.iteration_count
+    sample_count: int = 0  # training.sample_count
+    token_count: int = 0  # training.token_count
+    epoch_count: int = 0  # training.epoch_count
+    shuffle_samples_hash: int = 0  # training.shuffle.samples_hash (u64)
+    shuffle_rng_state: str = ""  # training.shuffle.rng_state (std::mt19937 text form)
+    shuffle_sample_count: int = 0  # training.shuffle.sample_count
+    shuffle_next_sample: int = 0  # training.shuffle.next_sample
 
 
 @dataclass

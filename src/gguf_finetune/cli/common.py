@@ -12,7 +12,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 from ..errors import UserError
-from .args import HelpRequested
+from .parser import HelpRequested
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool killed by SIGPIPE reports
@@ -72,6 +72,7 @@ def _flush_quietly() -> None:
 def _stdout_is_broken() -> bool:
     """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
     try:
+        # lazy: only on a broken pipe
         import select
 
         poller = select.poll()
@@ -108,11 +109,13 @@ def set_threads(n: int) -> int:
         for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ[var] = str(blas)
     try:
+        # optional: threadpoolctl, when installed
         from threadpoolctl import threadpool_limits
     except ImportError:
         pass
     else:
         threadpool_limits(limits=blas, user_api="blas")
+    # lazy: after the thread variables above are set (numba reads them at import)
     import numba
 
     used = min(int(n), int(numba.config.NUMBA_NUM_THREADS))
@@ -131,6 +134,7 @@ def keep_freed_memory() -> bool:
     takes ~900 minor page faults instead (scripts/bench.py prints them).  Process-wide; returns
     False, changing nothing, where the C library is not glibc.
     """
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     import ctypes
     import ctypes.util
     import platform

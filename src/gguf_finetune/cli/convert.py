@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from .args import Group, Parser, Positional, choice_value, int_value, opt
+from .parser import Group, Parser, Positional, choice_value, int_value, opt
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ def convert_parser(prog: str) -> Parser:
 
 def run(argv: list[str], prog: str = "gguf-finetune convert") -> int:
     a = convert_parser(prog).parse(argv)
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..formats.convert import run_convert
 
     res = run_convert(a.src, a.dst, to=a.to, base=a.base, lora_type=a.lora_type, lora_r=a.lora_r,

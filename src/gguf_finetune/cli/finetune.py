@@ -15,30 +15,25 @@ from typing import Sequence
 
 import numpy as np
 
+from ..arch import PRINT_ORDER, TARGET_BY_KEY
 from ..errors import UserError
-from .args import FinetuneArgs, parse_finetune_args
 from .common import keep_freed_memory, run_main, set_threads
-from .preflight import check_memory, check_outputs, check_ranks_fit, finetune_inputs, finetune_outputs, gib
+from .finetune_args import FinetuneArgs, parse_finetune_args
+from .preflight import (
+    best_name,
+    check_memory,
+    check_output_dir,
+    check_outputs,
+    check_ranks_fit,
+    finetune_inputs,
+    finetune_outputs,
+    gib,
+    output_name,
+)
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-def output_name(pattern_path: str, pattern: str, value: str) -> str:
-    """llama.cpp's get_train_filename: the first occurrence of ``pattern`` replaced by ``value``."""
-    return pattern_path.replace(pattern, value, 1) if pattern else pattern_path
-
-
-def check_output_dir(path: str, flag: str) -> None:
-    """Fail before training, not at the first save, when an output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} '{path}': folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} '{path}': folder '{folder}' is not writable")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} '{path}': is a directory, expected a file name")
 
 
 def lora_format(a: FinetuneArgs) -> str:
@@ -49,15 +44,14 @@ def lora_format(a: FinetuneArgs) -> str:
 
 def resolve_ranks(a: FinetuneArgs, hp, ckpt):
     """Ranks from the flags; a resumed checkpoint's ranks win over flags that were not given."""
-    from ..engine.lora import LoraRanks
-    from .args import RANK_FLAGS
+    from ..lora import LoraRanks  # lazy: the engine's modules load after the flags are parsed (fast --help)
 
     ranks = a.lora.resolved_ranks()
-    given = {k for k in RANK_FLAGS if getattr(a.lora, "rank_" + k) is not None}
+    given = a.lora.given_ranks()
     if ckpt is not None:
         for k, v in vars(ckpt.ranks).items():
             if k in given and ranks[k] != v:
-                raise UserError(f"--rank-{k} {ranks[k]} does not match the checkpoint's rank {v} "
+                raise UserError(f"{TARGET_BY_KEY[k].flag} {ranks[k]} does not match the checkpoint's rank {v} "
                                 f"('{a.out.checkpoint_in}')")
             ranks[k] = v
         return LoraRanks(**ranks)
@@ -67,24 +61,23 @@ def resolve_ranks(a: FinetuneArgs, hp, ckpt):
         for k in ("tok_embd", "out"):
             if k not in given and ranks[k]:
                 ranks[k] = 0
-                print(f"finetune: note: tied embeddings: --rank-{k} set to 0 (give it explicitly to train it; "
-                      f"today's llama.cpp cannot apply such an adapter to a tied head)", file=sys.stderr)
+                print(f"finetune: note: tied embeddings: {TARGET_BY_KEY[k].flag} set to 0 (give it explicitly to "
+                      f"train it; today's llama.cpp cannot apply such an adapter to a tied head)", file=sys.stderr)
     return LoraRanks(**ranks)
 
 
 def print_params(hp, a: FinetuneArgs, ranks) -> None:
     _say("main: init model")
-    for name, val in (("n_vocab", hp.n_vocab), ("n_ctx", a.run.n_ctx), ("n_embd", hp.n_embd), ("n_ff", hp.n_ff),
+    for name, val in (("n_vocab", hp.n_vocab), ("n_ctx", a.train.n_ctx), ("n_embd", hp.n_embd), ("n_ff", hp.n_ff),
                       ("n_head", hp.n_head), ("n_head_kv", hp.n_head_kv), ("n_layer", hp.n_layer)):
         _say(f"print_params: {name:<21} : {val}")
     _say(f"print_params: {'norm_rms_eps':<21} : {hp.rms_eps:f}")
     _say(f"print_params: {'rope_freq_base':<21} : {hp.rope_freq_base:f}")
     _say(f"print_params: {'rope_freq_scale':<21} : {hp.rope_freq_scale:f}")
-    for label, key in (("attention_norm", "att_norm"), ("wq", "wq"), ("wk", "wk"), ("wv", "wv"), ("wo", "wo"),
-                       ("ffn_norm", "ffn_norm"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
-                       ("ffn_up", "ffn_up"), ("tok_embeddings", "tok_embd"), ("norm", "out_norm"),
-                       ("output", "out")):
-        _say(f"print_lora_params: n_rank_{label:<14} : {getattr(ranks, key)}")
+    for key in PRINT_ORDER:
+        t = TARGET_BY_KEY[key]
+        if hp.spec.has_target(t):
+            _say(f"print_lora_params: n_rank_{t.label:<14} : {getattr(ranks, key)}")
 
 
 class Saver:
@@ -96,6 +89,7 @@ class Saver:
 
     def norm_delta_ratio(self, lora, names) -> float:
         """Largest ‖Δg‖/‖g‖ over the norm adapters: how much a GGUF adapter leaves out."""
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..quants import dequantize_tensor
 
         worst = 0.0
@@ -107,10 +101,12 @@ class Saver:
 
     def write_lora(self, path: str, lora) -> None:
         if self.fmt == "ggla":
+            # lazy: loaded once the flags are parsed (fast --help and usage errors)
             from ..formats.ggla import write_ggla
 
             write_ggla(path, lora, self.a.lora.lora_r, self.a.lora.alpha)
             return
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..formats.adapter_gguf import dropped_message, write_adapter_gguf
 
         dropped = write_adapter_gguf(path, lora, self.hp, self.a.out.lora_type)
@@ -125,6 +121,7 @@ class Saver:
             print(f"finetune: {msg}", file=sys.stderr)
 
     def __call__(self, iteration: int, trainer) -> list[str]:
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..formats.checkpoint import write_checkpoint
 
         o = self.a.out
@@ -132,7 +129,7 @@ class Saver:
         for value in (str(iteration), o.fn_latest):
             p = output_name(o.checkpoint_out, o.pattern_fn_it, value)
             _say(f"save_checkpoint_lora_file: saving to {p}")
-            write_checkpoint(p, self.hp, self.a.run.n_ctx, self.ranks, trainer.lora, trainer.opt, trainer.train)
+            write_checkpoint(p, self.hp, self.a.train.n_ctx, self.ranks, trainer.lora, trainer.opt, trainer.train)
             paths.append(p)
         for value in (str(iteration), o.fn_latest):
             p = output_name(o.lora_out, o.pattern_fn_it, value)
@@ -143,24 +140,16 @@ class Saver:
 
     def save_best(self, iteration: int, trainer) -> list[str]:
         """--save-best: the checkpoint and adapter under the 'best' names (see best_name)."""
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..formats.checkpoint import write_checkpoint
 
         o = self.a.out
         ck, lo = best_name(o.checkpoint_out, o.pattern_fn_it), best_name(o.lora_out, o.pattern_fn_it)
         _say(f"save_checkpoint_lora_file: saving to {ck}")
-        write_checkpoint(ck, self.hp, self.a.run.n_ctx, self.ranks, trainer.lora, trainer.opt, trainer.train)
+        write_checkpoint(ck, self.hp, self.a.train.n_ctx, self.ranks, trainer.lora, trainer.opt, trainer.train)
         _say(f"save_as_llama_lora: saving to {lo}")
         self.write_lora(lo, trainer.lora)
         return [ck, lo]
-
-
-def best_name(path: str, pattern: str) -> str:
-    """The --save-best file name: 'best' in place of the ITERATION pattern, or '-best' before the
-    extension when the name has no pattern."""
-    if pattern and pattern in path:
-        return output_name(path, pattern, "best")
-    root, ext = os.path.splitext(path)
-    return f"{root}-best{ext}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +162,7 @@ _TEXT_ONLY_FLAGS = ("--sample-start", "--include-sample-start", "--escape", "--o
 
 def _template_loader(a: FinetuneArgs, model, path: str):
     def make():
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..data.chat_template import GGUF_KEY, file_time, load_chat_template
 
         return load_chat_template(a.data.chat_template, model.gguf.get(GGUF_KEY, None), model.tokenizer,
@@ -182,6 +172,7 @@ def _template_loader(a: FinetuneArgs, model, path: str):
 
 def load_dataset(a: FinetuneArgs, model, path: str, what: str, prog: str):
     """(format, dataset) of a training or validation file; reports as llama.cpp's finetune does."""
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..data.jsonl import detect_format, load_jsonl_dataset
     from ..data.text import load_train_text, tokenize_file
 
@@ -189,14 +180,14 @@ def load_dataset(a: FinetuneArgs, model, path: str, what: str, prog: str):
     tok = model.tokenizer
     if fmt == "jsonl":
         _say(f"main: tokenize {what} from {path} (jsonl)")
-        ds = load_jsonl_dataset(path, tok, a.run.n_ctx, template_for=_template_loader(a, model, path),
+        ds = load_jsonl_dataset(path, tok, a.train.n_ctx, template_for=_template_loader(a, model, path),
                                 train_on_prompt=a.data.train_on_prompt, what=what, report=_say)
         _say(f"main: number of {'training' if what == 'train data' else 'validation'} tokens: {ds.n_tokens}")
         _say(f"main: number of trained tokens: {ds.n_trained()}"
              + (" (--train-on-prompt)" if a.data.train_on_prompt else " (assistant turns and completions)"))
     elif what == "train data":
         ds = load_train_text(path, tok, a.data.sample_start_bytes, a.data.include_sample_start,
-                             a.data.overlapping_samples, a.run.n_ctx, report=_say)
+                             a.data.overlapping_samples, a.train.n_ctx, report=_say)
         if any("sample start pattern" in m and "not found" in m for m in ds.messages):
             # llama.cpp's behaviour (the whole file is one sample) is kept, but said where it is seen
             hint = "; with --escape, \\n in it means a newline" if "\\" in a.data.sample_start and \
@@ -206,12 +197,13 @@ def load_dataset(a: FinetuneArgs, model, path: str, what: str, prog: str):
     else:
         _say(f"main: tokenize {what} from {path}")
         ds = tokenize_file(path, tok, a.data.sample_start_bytes, a.data.include_sample_start,
-                           a.data.overlapping_samples, a.run.n_ctx, report=_say)
+                           a.data.overlapping_samples, a.train.n_ctx, report=_say)
         if not a.data.sample_start_bytes:
+            # lazy: loaded once the flags are parsed (fast --help and usage errors)
             from ..data.validation import text_windows
 
-            ds = text_windows(ds, a.run.n_ctx)
-            _say(f"main: {what}: {ds.n_samples} windows of {a.run.n_ctx} tokens")
+            ds = text_windows(ds, a.train.n_ctx)
+            _say(f"main: {what}: {ds.n_samples} windows of {a.train.n_ctx} tokens")
     if ds.n_samples and int(ds.tokens.max(initial=0)) >= model.hparams.n_vocab:
         raise UserError(f"{what} '{path}': token id {int(ds.tokens.max())} is outside the model's vocabulary "
                         f"({model.hparams.n_vocab} tokens)")
@@ -220,8 +212,10 @@ def load_dataset(a: FinetuneArgs, model, path: str, what: str, prog: str):
 
 def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
     """Training batches (resumed shuffle) and, when asked for, the validation batches."""
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
+    from ..data.batches import resume_shuffle
     from ..data.jsonl import RecordBatchConfig, RecordBatchIterator, detect_format, record_eval_batches
-    from ..data.text import BatchConfig, BatchIterator, resume_shuffle
+    from ..data.text import BatchConfig, BatchIterator
     from ..data.validation import split_indices, subset_text, text_eval_batches
 
     v = a.val
@@ -263,18 +257,18 @@ def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
 
     state = resume_shuffle(saved, ds, a.data.train_data, seed, a.data.force_reshuffle, report=_say)
     if fmt == "jsonl":
-        bcfg = RecordBatchConfig(a.run.n_batch, a.run.n_ctx, a.data.fill_with_next_samples)
+        bcfg = RecordBatchConfig(a.train.n_batch, a.train.n_ctx, a.data.fill_with_next_samples)
         batches = RecordBatchIterator(ds, state, bcfg, tok.eos_id, hp.n_vocab, report=_say)
     else:
-        bcfg = BatchConfig(a.run.n_batch, a.run.n_ctx, a.data.fill_with_next_samples, a.data.separate_with_eos,
+        bcfg = BatchConfig(a.train.n_batch, a.train.n_ctx, a.data.fill_with_next_samples, a.data.separate_with_eos,
                            a.data.separate_with_bos, a.data.sample_random_offsets)
         batches = BatchIterator(ds, state, bcfg, tok.bos_id, tok.eos_id, hp.n_vocab, report=_say)
     eval_batches = None
     if val_ds is not None:
         if val_fmt == "jsonl":
-            eval_batches = record_eval_batches(val_ds, a.run.n_batch, a.run.n_ctx, tok.eos_id)
+            eval_batches = record_eval_batches(val_ds, a.train.n_batch, a.train.n_ctx, tok.eos_id)
         else:
-            eval_batches = text_eval_batches(val_ds, a.run.n_batch, a.run.n_ctx, tok.bos_id, tok.eos_id, hp.n_vocab)
+            eval_batches = text_eval_batches(val_ds, a.train.n_batch, a.train.n_ctx, tok.bos_id, tok.eos_id, hp.n_vocab)
         n_w = int(sum(float(w.sum()) for _, _, w in eval_batches))
         _say(f"main: validation: {val_ds.n_samples} samples, {n_w} trained positions, {len(eval_batches)} batches")
     return batches, eval_batches
@@ -282,6 +276,7 @@ def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
 
 def previous_best(a: FinetuneArgs, hp, evaluator, prog: str) -> float | None:
     """--save-best on a resumed run: the validation loss of the best checkpoint an earlier run kept."""
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..formats.checkpoint import read_checkpoint
 
     p = best_name(a.out.checkpoint_out, a.out.pattern_fn_it)
@@ -299,6 +294,7 @@ def previous_best(a: FinetuneArgs, hp, evaluator, prog: str) -> float | None:
 
 def divergence_message(d, a: FinetuneArgs, model, trainer, first_iteration: int, resumed: bool) -> str:
     """One line for a non-finite loss: where it happened, what may be at fault, what was kept."""
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..model import first_nonfinite_tensor
 
     o = a.out
@@ -338,13 +334,16 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     keep_freed_memory()
     if "--n-gpu-layers" in a.given:
         print(f"{prog}: note: -ngl/--n-gpu-layers has no effect: this engine runs on the CPU", file=sys.stderr)
-    from ..data.text import ShuffleState
-    from ..engine.lora import LoraLayout, init_lora, make_specs
-    from ..formats.checkpoint import OptimizerState, TrainState, read_checkpoint
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
+    from ..api import load_model
+    from ..data.batches import ShuffleState
+    from ..formats.checkpoint import read_checkpoint
     from ..gguf_io import check_regular_file
-    from ..model import HParamOverrides, load_model
+    from ..lora import LoraLayout, init_lora, make_specs
+    from ..model import HParamOverrides
+    from ..optim import OptimizerState
     from ..report import LlamaLog, MetricsFile, ProgressBar
-    from ..trainer import Diverged, Trainer, TrainConfig
+    from ..trainer import Diverged, Trainer, TrainState
 
     o = a.out
     fmt = lora_format(a)
@@ -364,7 +363,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     # there); without checkpointing, which already trades memory for speed, it is kept as float32
     # when the memory budget allows (identical results either way)
     model = load_model(a.model.model_base, overrides=overrides, memory_budget=budget,
-                       cache_head=not a.run.use_checkpointing)
+                       cache_head=not a.train.checkpointing)
     hp = model.hparams
     seed = a.run.seed if a.run.seed >= 0 else int(time.time()) & 0xFFFFFFFF
     _say(f"main: seed: {seed}")
@@ -383,7 +382,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     # nothing this run writes may replace an input or another output (before anything is written)
     check_outputs(finetune_outputs(a, ckpt.train.iteration if ckpt is not None else 0), finetune_inputs(a))
     estimate = None
-    if a.opt.adam_iter > 0 and not o.only_write_lora:  # before the adapter and optimizer state are allocated
+    if a.train.adam.n_iter > 0 and not o.only_write_lora:  # before the adapter and optimizer state are allocated
         estimate = check_memory(a, hp, ckpt.lora.layout.size if ckpt is not None
                                 else LoraLayout(make_specs(hp, ranks)).size)
     print_params(hp, a, ranks)
@@ -391,7 +390,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
         lora, opt, train = ckpt.lora, ckpt.opt, ckpt.train
     else:
         lora = init_lora(hp, ranks, a.lora.alpha, seed)
-        opt = OptimizerState.zeros(lora.layout.size, a.opt.opt_past)
+        opt = OptimizerState.zeros(lora.layout.size, a.train.adam.past)
         train = TrainState()
     _say(f"main: total train_iterations {train.iteration}")
     _say(f"main: seen train_samples     {train.sample_count}")
@@ -407,8 +406,8 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
         saver.write_lora(p, lora)
         return 0
 
-    if a.run.n_ctx > hp.n_ctx_train:  # (after the checks above: a refused run prints only its error)
-        print(f"{prog}: warning: --ctx {a.run.n_ctx} is above the model's training context {hp.n_ctx_train}",
+    if a.train.n_ctx > hp.n_ctx_train:  # (after the checks above: a refused run prints only its error)
+        print(f"{prog}: warning: --ctx {a.train.n_ctx} is above the model's training context {hp.n_ctx_train}",
               file=sys.stderr)
 
     saved = None
@@ -419,23 +418,21 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     batches, eval_batches = setup_data(a, model, seed, saved, prog)
     evaluator, best_loss = None, None
     if eval_batches is not None:
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..evaluate import Evaluator
 
-        evaluator = Evaluator(model.weights, hp, eval_batches, flash=a.run.use_flash)
+        evaluator = Evaluator(model.weights, hp, eval_batches, flash=a.train.flash)
         if a.val.save_best and ckpt is not None:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 best_loss = previous_best(a, hp, evaluator, prog)
-    cfg = TrainConfig(n_ctx=a.run.n_ctx, n_batch=a.run.n_batch, grad_acc=a.run.grad_acc, save_every=o.save_every,
-                      epochs=a.opt.epochs, checkpointing=a.run.use_checkpointing, flash=a.run.use_flash,
-                      adam=a.opt.adamw_config())
     callbacks: list = [LlamaLog()]
     show_bar = a.run.progress if a.run.progress is not None else sys.stderr.isatty()
     if show_bar:
-        callbacks.append(ProgressBar(a.opt.adam_iter))
+        callbacks.append(ProgressBar(a.train.adam.n_iter))
     metrics = MetricsFile(o.metrics_path)
     callbacks.append(metrics)
     _say("main: begin training")
-    trainer = Trainer(model.weights, hp, lora, opt, train, batches, cfg, callbacks, save=saver,
+    trainer = Trainer(model.weights, hp, lora, opt, train, batches, a.train, callbacks, save=saver,
                       evaluator=evaluator, eval_every=a.val.eval_every,
                       save_best=saver.save_best if a.val.save_best else None, best_loss=best_loss)
     first_iteration = train.iteration
@@ -449,7 +446,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     except MemoryError:
         # the estimate checked above is on the low side: say which flags set the size of a step
         guess = f" (estimated at least {gib(estimate.total)})" if estimate is not None else ""
-        raise UserError(f"out of memory during training with --ctx {a.run.n_ctx} x --batch {a.run.n_batch}{guess}; "
+        raise UserError(f"out of memory during training with --ctx {a.train.n_ctx} x --batch {a.train.n_batch}{guess}; "
                         f"lower --ctx or --batch") from None
     if result.reason == "interrupted":
         print(f"{prog}: interrupted: saved iteration {result.iteration} "

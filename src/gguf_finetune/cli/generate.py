@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 
 from ..errors import UsageError, UserError
-from .args import MAX_CTX, Group, Opt, Parser, flag, float_value, int_value, opt, str_value
 from .common import cpu_count, set_threads
+from .parser import MAX_CTX, Group, Opt, Parser, flag, float_value, int_value, opt, str_value
 
 # -- flags shared by the inference commands ------------------------------------------------------------
 
@@ -42,6 +42,7 @@ def model_options() -> tuple[Opt, ...]:
 def model_path(path: str) -> str:
     if path:
         return path
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..demo import default_model_path
 
     return str(default_model_path())
@@ -50,8 +51,9 @@ def model_path(path: str) -> str:
 def load(args):
     """set_threads, then load the model with its adapters (float32 weight cache when it fits)."""
     set_threads(args.n_threads or cpu_count())
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
+    from ..api import load_model
     from ..gguf_io import check_readable_file
-    from ..model import load_model
 
     path = model_path(args.model)
     check_readable_file(path, "model")
@@ -107,6 +109,7 @@ def prompt_ids(model, text: str, chat: bool, chat_template: str | None) -> list[
     with ``chat`` rendered first as one user turn with add_generation_prompt."""
     tok = model.tokenizer
     if chat:
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..data.chat_template import GGUF_KEY, load_chat_template
 
         tpl = load_chat_template(chat_template, model.gguf.get_str(GGUF_KEY, "") or None, tok)
@@ -124,6 +127,7 @@ def run(argv: list[str], prog: str = "gguf-finetune generate") -> int:
         raise UsageError("--chat-template: only used with --chat")
     text = args.prompt if args.prompt is not None else _read_prompt(args.file)
     model = load(args)
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..engine.generate import Decoder, Generation
     from ..sampling import Sampler, SamplerParams
 
@@ -171,6 +175,7 @@ class TextStream:
 
 
 def _read_prompt(path: str) -> str:
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..gguf_io import check_readable_file
 
     data = check_readable_file(path, "prompt file").read_bytes()

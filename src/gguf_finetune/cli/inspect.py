@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gguf import GGMLQuantizationType
+
+from ..arch import SUPPORTED
 from ..errors import UserError
 from ..gguf_io import GGUFFile, check_readable_file, open_gguf
-from .args import Group, Parser, Positional, flag
+from .parser import Group, Parser, Positional, flag
 
 WHAT = "file"
 GGLA_MAGIC = b"algg"  # 0x67676c61 'ggla' written little-endian
@@ -86,8 +89,6 @@ def _scalar(f: GGUFFile, key: str, default: Any = None) -> Any:
 
 
 def _tensor_types(f: GGUFFile, names) -> dict[str, int]:
-    from gguf import GGMLQuantizationType
-
     counts: Counter[str] = Counter()
     for n in names:
         t = int(f.tensors[n].tensor_type)
@@ -100,8 +101,7 @@ def _tensor_types(f: GGUFFile, names) -> dict[str, int]:
 
 def _unsupported_types(f: GGUFFile) -> list[str]:
     """Tensor types in the file that the engine cannot compute with (names as in tensor_types)."""
-    from gguf import GGMLQuantizationType
-
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..quants import SUPPORTED
 
     out = set()
@@ -163,12 +163,10 @@ def _n_vocab(f: GGUFFile, arch: str) -> int | None:
 
 
 def _describe_model(f: GGUFFile) -> dict[str, Any]:
-    from ..model import SUPPORTED_ARCHS
-
     info = _common(f, "model")
     arch = info["architecture"] or ""
     info["unsupported_tensor_types"] = _unsupported_types(f)
-    info["trainable"] = arch in SUPPORTED_ARCHS and not info["unsupported_tensor_types"]
+    info["trainable"] = arch in SUPPORTED and not info["unsupported_tensor_types"]
     info["parameters"] = _n_elements(f, f.tensors)
     info["hparams"] = _hparams(f, arch, checkpoint=False)
     info["tied_embeddings"] = "token_embd.weight" in f.tensors and "output.weight" not in f.tensors

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import UsageError
-from .args import HelpRequested
 from .common import run_main
+from .parser import HelpRequested
 
 PROG = "gguf-finetune"
 

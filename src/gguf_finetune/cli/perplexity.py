@@ -11,8 +11,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .args import MAX_CTX, Group, Parser, int_value, opt
 from .generate import load, model_options
+from .parser import MAX_CTX, Group, Parser, int_value, opt
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,11 @@ def perplexity_parser(prog: str) -> Parser:
 def run(argv: list[str], prog: str = "gguf-finetune perplexity") -> int:
     args = perplexity_parser(prog).parse(argv)
     if not args.file:
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..errors import UsageError
 
         raise UsageError("--file: no text given (-f FNAME)")
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..perplexity import n_chunks_for, perplexity, read_text_file, tokenize_text
 
     text = read_text_file(args.file)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from .args import Group, Parser, Positional, opt
+from .parser import Group, Parser, Positional, opt
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ def plot_parser(prog: str) -> Parser:
 
 def run(argv: list[str], prog: str = "gguf-finetune plot") -> int:
     args = plot_parser(prog).parse(argv)
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..plot import plot_curves, read_metrics
 
     curves = read_metrics(args.metrics)

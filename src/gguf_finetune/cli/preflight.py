@@ -13,6 +13,7 @@ import resource
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..arch import weight
 from ..errors import UsageError, UserError
 
 # ------------------------------------------------------------------------------------------------
@@ -23,22 +24,46 @@ from ..errors import UsageError, UserError
 def check_ranks_fit(a, hp, ranks, model_path: str) -> None:
     """A rank above the adapted tensor's larger dimension only costs memory (the update cannot have
     a higher rank than that): refuse it, naming the flag it came from (exit 2)."""
-    from ..engine.lora import GLOBAL_TARGETS, LAYER_TARGETS, base_dims
-    from .args import RANK_FLAGS
-
-    for key, (base, _kind) in {**GLOBAL_TARGETS, **LAYER_TARGETS}.items():
-        r = getattr(ranks, key)
+    for t in hp.spec.targets():
+        r = getattr(ranks, t.key)
         if r <= 0:
             continue
-        n_out, n_in = base_dims(hp, base)
+        n_out, n_in = hp.lora_dims(t.tensor)
         limit = max(n_out, n_in)
         if r > limit:
-            given = getattr(a.lora, "rank_" + key) is not None
-            flag = RANK_FLAGS[key] if given else "--lora-r"
-            name = base + ".weight" if key in GLOBAL_TARGETS else f"blk.0.{base}.weight"
+            flag = t.flag if t.key in a.lora.given_ranks() else "--lora-r"
+            name = weight(t.tensor, 0 if t.per_layer else None)
             shape = f"{n_in}" if n_out == 1 else f"{n_out} x {n_in}"
             raise UsageError(f"{flag} {r}: larger than tensor '{name}' ({shape}) of the model '{model_path}'; "
                              f"a rank for it can be at most {limit}")
+
+
+# ------------------------------------------------------------------------------------------------
+# output names
+# ------------------------------------------------------------------------------------------------
+def output_name(pattern_path: str, pattern: str, value: str) -> str:
+    """llama.cpp's get_train_filename: the first occurrence of ``pattern`` replaced by ``value``."""
+    return pattern_path.replace(pattern, value, 1) if pattern else pattern_path
+
+
+def best_name(path: str, pattern: str) -> str:
+    """The --save-best file name: 'best' in place of the ITERATION pattern, or '-best' before the
+    extension when the name has no pattern."""
+    if pattern and pattern in path:
+        return output_name(path, pattern, "best")
+    root, ext = os.path.splitext(path)
+    return f"{root}-best{ext}"
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Fail before training, not at the first save, when an output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} '{path}': folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}': folder '{folder}' is not writable")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}': is a directory, expected a file name")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,13 +230,11 @@ def _clash(a: Output, b: Output) -> str | None:
 
 def finetune_outputs(a, first_iteration: int) -> list[Output]:
     """What a finetune run with these flags may write, starting at iteration ``first_iteration``."""
-    from .finetune import best_name
-
     o = a.out
     pattern = o.pattern_fn_it
     if o.only_write_lora:
         return [Output("--lora-out", o.lora_out, pattern, (str(first_iteration),))]
-    n = a.opt.adam_iter
+    n = a.train.adam.n_iter
     outs = []
     for flag, path in (("--checkpoint-out", o.checkpoint_out), ("--lora-out", o.lora_out)):
         patterned = bool(pattern) and pattern in path
@@ -278,21 +301,21 @@ def estimate_training_memory(a, hp, lora_size: int, itemsize: int = 4) -> Memory
     - the output head: [N, C] hidden states and their gradient, and one chunk of logits (at most
       64 MB, forward.head_rows).
     """
-    B, T = a.run.n_batch, a.run.n_ctx
+    B, T = a.train.n_batch, a.train.n_ctx
     N = B * T
     C, F, Ckv, V, L = hp.n_embd, hp.n_ff, hp.n_embd_kv, hp.n_vocab, hp.n_layer
     r = max(a.lora.lora_r, 1)
     cache = N * (7 * C + 2 * Ckv + 3 * F + 7 * r)
-    if not a.run.use_flash:
+    if not a.train.flash:
         cache += B * hp.n_head * T * T
     temps = N * (3 * C + Ckv + 3 * F)
-    act = (L * N * C + cache + temps) if a.run.use_checkpointing else (L * cache + temps)
+    act = (L * N * C + cache + temps) if a.train.checkpointing else (L * cache + temps)
     head = 3 * N * C + min(N * V, (64 << 20) // itemsize)
     est = MemoryEstimate()
     label = f"activations for --ctx {T} x --batch {B}"
     est.parts[label] = (act + head) * itemsize
-    est.flags[label] = "--ctx or --batch" + ("" if a.run.use_checkpointing else " (or drop --no-checkpointing)") \
-        + ("" if a.run.use_flash else " (or drop --no-flash)")
+    est.flags[label] = "--ctx or --batch" + ("" if a.train.checkpointing else " (or drop --no-checkpointing)") \
+        + ("" if a.train.flash else " (or drop --no-flash)")
     label = "LoRA weights and optimizer state"
     est.parts[label] = 5 * lora_size * itemsize
     est.flags[label] = " or ".join(["--lora-r"] + sorted(f for f in a.given if f.startswith("--rank-")))
@@ -312,7 +335,7 @@ def _vm_size() -> int | None:
 
 def memory_available() -> tuple[int, str]:
     """(bytes this process can still allocate, where the limit comes from)."""
-    from ..model import available_memory
+    from ..model import available_memory  # lazy: model imports numba; --help stays fast
 
     avail, why = available_memory(), "available"
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)

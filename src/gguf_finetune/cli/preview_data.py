@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf_io import check_readable_file
-from .args import MAX_CTX, Group, Parser, choice_value, flag, int_value, opt
+from .parser import MAX_CTX, Group, Parser, choice_value, flag, int_value, opt
 
 GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -103,6 +103,7 @@ class Stats:
 
 
 def _load_jsonl(args: PreviewArgs, path: str, n_show: int):
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..data.chat_template import GGUF_KEY, file_time, load_chat_template
     from ..data.jsonl import encode_records, needs_template
     from ..data.records import count_kinds, read_jsonl
@@ -114,6 +115,7 @@ def _load_jsonl(args: PreviewArgs, path: str, n_show: int):
     if needs_template(records):
         gguf_template = None
         if not args.chat_template:
+            # lazy: loaded once the flags are parsed (fast --help and usage errors)
             from ..gguf_io import open_gguf
 
             gguf_template = open_gguf(args.model).get(GGUF_KEY, None)
@@ -130,6 +132,7 @@ def _load_jsonl(args: PreviewArgs, path: str, n_show: int):
 
 def _load_text(args: PreviewArgs, path: str, n_show: int):
     """llama.cpp's samples of a plain-text file: BOS + the sample's tokens, all trained."""
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..data.text import tokenize_file
     from ..tokenizer import load_tokenizer
 
@@ -155,10 +158,12 @@ def run(argv: list[str], prog: str = "gguf-finetune preview-data") -> int:
         raise UserError("--train-data: no data file given")
     check_readable_file(args.train_data, "train data")
     if not args.model:
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..demo import default_model_path
 
         args = PreviewArgs(**{**vars(args), "model": str(default_model_path())})
     check_readable_file(args.model, "model")
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..data.jsonl import detect_format
 
     fmt = detect_format(args.train_data, args.data_format)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError, UserError
 from ..gguf_io import check_readable_file
-from .args import Group, Parser, flag, opt
+from .parser import Group, Parser, flag, opt
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,12 @@ def run(argv: list[str], prog: str = "gguf-finetune tokenize") -> int:
     text = args.prompt if args.prompt is not None else _read_text(args.file)
     model = args.model
     if not model:
+        # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..demo import default_model_path
 
         model = str(default_model_path())
     check_readable_file(model, "model")
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..tokenizer import load_tokenizer
 
     ids = load_tokenizer(model).tokenize(text, add_bos=args.add_bos, add_eos=False, special=args.special)

@@ -1,16 +1,3 @@
-"""Training data: llama.cpp's plain-text sample pipeline (:mod:`.text`)."""
-
-from .text import (  # noqa: F401
-    Batch,
-    BatchConfig,
-    BatchIterator,
-    ShuffleState,
-    TextDataset,
-    compute_samples_hash,
-    load_train_text,
-    process_escapes,
-    resume_shuffle,
-    shuffle_samples,
-    tokenize_file,
-    tokenize_text,
-)
+"""Training data: llama.cpp's plain-text sample pipeline (:mod:`.text`), JSONL chat and instruction
+records (:mod:`.records`, :mod:`.chat_template`, :mod:`.jsonl`), shuffled resumable batches
+(:mod:`.batches`) and validation batches (:mod:`.validation`)."""

@@ -19,8 +19,8 @@ sequence trained on is therefore exactly the tokenization of the rendered text.
 Batches: a row is a record's tokens cut at n_ctx+1 — tokens = row[:n_ctx], targets = row[1:n_ctx+1],
 weights = trained[1:n_ctx+1]; padding (EOS) has weight 0, and a record's first token is never a
 target.  With ``fill_with_next_samples`` the following (shuffled) records are packed behind it.  The
-shuffle, epochs and resume state are the text pipeline's (:class:`~.text.ShuffleState`,
-:func:`~.text.shuffle_samples`, :func:`~.text.resume_shuffle`), so exact resume works the same.
+shuffle, epochs and resume state are the text pipeline's (:mod:`.batches`), so exact resume works the
+same.
 """
 
 from __future__ import annotations
@@ -33,18 +33,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
+from .batches import Report, Shuffled, ShuffledBatches, ShuffleState, _noop
 from .chat_template import ChatTemplate, ChatTemplateError
 from .records import Record, count_kinds, read_jsonl
-from .text import Batch, BatchIterator, ShuffleState, shuffle_samples
-
-Report = Callable[[str], None]
 
 JSONL_EXTENSIONS = (".jsonl", ".ndjson", ".jsonlines")
 _WS = b" \t\n\r\v\f"
-
-
-def _noop(_line: str) -> None:
-    pass
 
 
 def detect_format(path: str, data_format: str = "auto") -> str:
@@ -529,32 +523,19 @@ def record_batch(example_id: int, begins, sizes, tokens, trained, cfg: RecordBat
     return stream[:, :T].copy(), stream[:, 1:].copy(), flags[:, 1:].copy(), used
 
 
-class RecordBatchIterator(BatchIterator):
-    """:class:`~.text.BatchIterator` over a :class:`RecordDataset`: the same shuffle, epochs and resumable
-    :class:`~.text.ShuffleState`; batches carry the records' trained masks as weights."""
+class RecordBatchIterator(ShuffledBatches):
+    """Batches of JSONL records (:func:`record_batch`) in shuffled order; weights are the records'
+    trained masks."""
 
     def __init__(self, dataset: RecordDataset, state: ShuffleState, cfg: RecordBatchConfig, eos_id: int,
                  n_vocab: int, report: Report | None = None):
-        super().__init__(dataset, state, cfg, eos_id, eos_id, n_vocab, report=report)
+        super().__init__(dataset, state, report)
+        self.cfg = cfg
         self.pad_id = int(eos_id)
 
-    def next_batch(self) -> Batch:
-        st = self._state
-        sh = self._shuffled
+    def make_batch(self, first: int, sh: Shuffled):
         ds = self.dataset
-        tokens, targets, weights, used = record_batch(st.next_sample, sh.begins, sh.sizes, ds.tokens, ds.trained,
-                                                      self.cfg, self.pad_id)
-        nxt = st.next_sample + used
-        st = replace(st, samples_seen=st.samples_seen + used, next_sample=nxt)
-        completed = nxt >= st.sample_count
-        if completed:
-            st = replace(st, epochs=st.epochs + 1)
-            self._report(f"train_opt_callback: reshuffle samples. completed epochs: {st.epochs}")
-            new_current = sh.rng_state_next
-            self._shuffled = shuffle_samples(new_current, ds.begins, ds.sizes)
-            st = replace(st, rng_state=new_current, next_sample=0)
-        self._state = st
-        return Batch(tokens, targets, weights, used, completed)
+        return record_batch(first, sh.begins, sh.sizes, ds.tokens, ds.trained, self.cfg, self.pad_id)
 
 
 def record_eval_batches(ds: RecordDataset, n_batch: int, n_ctx: int, pad: int

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..lora import LoraParams
 from ..model import HParams
 from . import kernels as K
-from .forward import (LayerCache, Rope, _lora, embed_forward, forward_hidden, head_logits, head_rows,
-                      layer_forward, norm_weight)
-from .lora import LoraParams
+from .forward import (
+    LayerCache,
+    Rope,
+    _lora,
+    embed_forward,
+    forward_hidden,
+    head_logits,
+    head_rows,
+    layer_forward,
+    norm_weight,
+)
 
 
 def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, lora, u, grads: LoraParams | None,

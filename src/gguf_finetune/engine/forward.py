@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..lora import LoraParams
 from ..model import HParams, LayerWeights
 from . import kernels as K
-from .lora import LoraParams
-
 
 # -- linear with LoRA ------------------------------------------------------------------------
 

@@ -35,11 +35,12 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import UserError
+from ..lora import LoraParams
 from ..model import LAYER_MATS, HParams
 from . import kernels as K
 from .forward import embed_forward, head_logits, linear_forward, norm_weight
-from .lora import LoraParams
-from .qmatvec import QuantMatrix, supported as qmv_supported
+from .qmatvec import QuantMatrix
+from .qmatvec import supported as qmv_supported
 
 DEFAULT_BATCH = 512  # tokens per prefill pass (longer prompts are prefilled in several passes)
 # passes of up to this many tokens multiply the file's quantized blocks directly (the kernels

@@ -22,10 +22,11 @@ IQ4_*, BF16) are left to the float32 path: :func:`supported` tells which.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES
-import numba
 from numba import njit, prange
 
 from ..quants import _f16_at, _h2f, _k4_scale_min, _u8f
@@ -356,7 +357,5 @@ class QuantMatrix:
 
 def matmul_reference(raw: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
     """Slow and obvious: x · dequantize(W)ᵀ in float64 with gguf's own numpy dequantization."""
-    from gguf import quants as gq
-
     W = np.asarray(gq.dequantize(np.asarray(raw), QT(int(qtype))), dtype=np.float64)
     return np.asarray(x, np.float64) @ W.reshape(W.shape[0], -1).T

@@ -35,12 +35,15 @@ import os
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
-from ..engine.lora import LoraParams, LoraSpec
+from ..arch import target_kind
 from ..errors import UserError
 from ..gguf_io import GGUFFile, write_gguf_atomic
+from ..lora import LoraParams, LoraSpec
 from ..model import HParams
-from .load import params_from_factors, target_kind
+from ..quants import check_supported, dequantize_tensor
+from .common import params_from_factors
 
 LORA_TYPES = ("f32", "f16", "bf16")
 OUR = "gguf_finetune."
@@ -54,9 +57,7 @@ def _to_dtype(arr: np.ndarray, lora_type: str):
     if lora_type == "f16":
         return arr.astype(np.float16), None
     if lora_type == "bf16":
-        from gguf import quants
-
-        return quants.quantize(arr, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
+        return gguf_quants.quantize(arr, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
     raise UserError(f"--lora-type: unsupported type '{lora_type}' (supported: {', '.join(LORA_TYPES)})")
 
 
@@ -150,8 +151,6 @@ def read_adapter_gguf(f: GGUFFile, dtype=np.float32) -> LoraParams:
     Tensor order is the file's.  Tensors named ``*_norm.weight`` are skipped (as llama.cpp
     does); any other name without a ``.lora_a``/``.lora_b`` suffix is refused.
     """
-    from ..quants import check_supported, dequantize_tensor
-
     if f.get_str("general.type", "") != "adapter" or f.get_str("adapter.type", "") != "lora":
         raise UserError(f"adapter '{f.path}': not a LoRA adapter (general.type/adapter.type)")
     alpha = f.get_float("adapter.lora.alpha", 0.0)

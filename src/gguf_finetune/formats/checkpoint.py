@@ -16,57 +16,23 @@ moments are stored in ggml's graph order either way, so each tool can resume the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
-from ..engine.lora import GLOBAL_TARGETS, LAYER_TARGETS, LoraLayout, LoraParams, LoraRanks, make_specs
+from ..arch import TARGETS, get_arch
 from ..errors import UserError
 from ..gguf_io import GGUFFile, write_gguf_atomic
+from ..lora import LoraLayout, LoraParams, LoraRanks, make_specs
 from ..model import HParams
+from ..optim import OptimizerState, llamacpp_param_order
+from ..trainer import TrainState
 
 OUR = "gguf_finetune."
 FORMAT_VERSION = 1
 
-# training.lora.rank.<key> in llama.cpp's checkpoint  <->  LoraRanks field
-RANK_KEYS = {
-    "token_embd": "tok_embd", "output_norm": "out_norm", "output": "out", "attn_norm": "att_norm",
-    "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_norm": "ffn_norm",
-    "ffn_gate": "ffn_gate", "ffn_down": "ffn_down", "ffn_up": "ffn_up",
-}
-
-
-@dataclass
-class OptimizerState:
-    """AdamW state as llama.cpp's ggml_opt_context keeps it."""
-
-    m: np.ndarray  # first moments, flat, same layout as the LoRA buffer
-    v: np.ndarray  # second moments
-    iteration: int = 0  # optimizer.iteration_count (Adam's t)
-    just_initialized: bool = True
-    best_loss: float = 0.0
-    previous_loss: float = 0.0
-    no_improvement_count: int = 0
-    past_loss_values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
-
-    @classmethod
-    def zeros(cls, n: int, past: int = 0) -> "OptimizerState":
-        return cls(np.zeros(n, np.float32), np.zeros(n, np.float32),
-                   past_loss_values=np.zeros(past, dtype=np.float32))
-
-
-@dataclass
-class TrainState:
-    """Counters and data-pipeline state (llama.cpp's train_state + shuffle keys)."""
-
-    iteration: int = 0  # training.iteration_count
-    sample_count: int = 0  # training.sample_count
-    token_count: int = 0  # training.token_count
-    epoch_count: int = 0  # training.epoch_count
-    shuffle_samples_hash: int = 0  # training.shuffle.samples_hash (u64)
-    shuffle_rng_state: str = ""  # training.shuffle.rng_state (std::mt19937 text form)
-    shuffle_sample_count: int = 0  # training.shuffle.sample_count
-    shuffle_next_sample: int = 0  # training.shuffle.next_sample
+RANK_KEY = "training.lora.rank.{}"  # llama.cpp's key per target, by base tensor name
 
 
 @dataclass
@@ -84,10 +50,7 @@ class Checkpoint:
 
 
 def ranks_from_kv(f: GGUFFile) -> LoraRanks:
-    vals = {}
-    for key, fld in RANK_KEYS.items():
-        vals[fld] = f.get_int(f"training.lora.rank.{key}", 0)
-    return LoraRanks(**vals)
+    return LoraRanks(**{t.key: f.get_int(RANK_KEY.format(t.tensor), 0) for t in TARGETS})
 
 
 def _hparams_for_layout(f: GGUFFile, hp: HParams | None) -> HParams:
@@ -122,8 +85,8 @@ def _hparams_for_layout(f: GGUFFile, hp: HParams | None) -> HParams:
 def _layout_for_file(f: GGUFFile, dims: HParams, ranks: LoraRanks) -> LoraLayout:
     """The LoRA layout the ranks and dimensions describe — refused before anything is allocated
     when the file cannot hold it (absurd ranks or block counts in a damaged header)."""
-    n_global = sum(1 for k in GLOBAL_TARGETS if getattr(ranks, k) > 0)
-    n_per_layer = sum(1 for k in LAYER_TARGETS if getattr(ranks, k) > 0)
+    n_global = sum(1 for t in TARGETS if not t.per_layer and getattr(ranks, t.key) > 0)
+    n_per_layer = sum(1 for t in TARGETS if t.per_layer and getattr(ranks, t.key) > 0)
     n_lora = n_global + dims.n_layer * n_per_layer
     if 2 * n_lora > len(f.tensors):
         raise UserError(f"checkpoint '{f.path}': its ranks and block count call for {2 * n_lora} LoRA tensors, "
@@ -184,8 +147,6 @@ def check_matches_model(f: GGUFFile, hp: HParams) -> None:
 
 
 def _type_name(t) -> str:
-    from gguf import GGMLQuantizationType
-
     try:
         return GGMLQuantizationType(int(t)).name
     except ValueError:
@@ -269,11 +230,9 @@ def moments_permutation(layout: LoraLayout) -> np.ndarray:
     llama.cpp stores the Adam moments flattened in the order its optimizer collects parameters;
     our buffer follows file order.  moments_in_graph_order = ours[perm]; ours[perm] = stored.
     """
-    from ..optim import llamacpp_param_order
-
     n_layer = 1 + max([int(s.name.split(".")[1]) for s in layout.specs if s.name.startswith("blk.")] or [-1])
     segs = []
-    for name in llamacpp_param_order(n_layer):
+    for name in llamacpp_param_order(n_layer, arch=None):  # the layout holds only what is adapted
         base, part = name.rsplit(".", 1)  # "<tensor>.weight", "lora_a"|"lora_b"
         spec = layout.by_name.get(base)
         if spec is None:
@@ -305,8 +264,8 @@ def write_checkpoint(path: str | os.PathLike, hp: HParams, n_ctx: int, ranks: Lo
         w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", hp.rms_eps)
         w.add_float32(f"{arch}.rope.freq_base", hp.rope_freq_base)
         w.add_float32(f"{arch}.rope.scale_linear", 1.0 / hp.rope_freq_scale)
-        for key, fld in RANK_KEYS.items():
-            w.add_uint32(f"training.lora.rank.{key}", getattr(ranks, fld))
+        for t in get_arch(arch).targets():
+            w.add_uint32(RANK_KEY.format(t.tensor), getattr(ranks, t.key))
         w.add_uint32("training.file_version", 1)
         w.add_uint64("training.iteration_count", train.iteration)
         w.add_uint64("training.sample_count", train.sample_count)

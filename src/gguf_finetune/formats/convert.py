@@ -24,7 +24,10 @@ import numpy as np
 from ..errors import UserError
 from ..gguf_io import GGUFFile, open_gguf
 from ..model import HParams, read_hparams
+from .adapter_gguf import dropped_message, write_adapter_gguf
+from .ggla import write_ggla
 from .load import detect_kind, read_any
+from .peft import write_peft
 
 TARGETS = ("gguf", "ggla", "peft")
 
@@ -99,8 +102,6 @@ def run_convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None =
     res = ConvertResult(kind_in, kind_out, 0, 0)
 
     if kind_out == "gguf":
-        from .adapter_gguf import dropped_message, write_adapter_gguf
-
         if hp is not None:
             tied = hp.tied_embeddings
         elif kind_in == "ggla" or meta.get("from_llamacpp"):
@@ -115,13 +116,9 @@ def run_convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None =
         dropped = write_adapter_gguf(dst, lora, target, lora_type=lora_type, tied_embeddings=tied)
         msg = dropped_message(dropped, tied)
     elif kind_out == "ggla":
-        from .ggla import write_ggla
-
         write_ggla(dst, lora, lora_r, lora_alpha)
         dropped, msg = [], None
     else:
-        from .peft import write_peft
-
         n_head = hp.n_head if hp is not None else meta.get("n_head")
         n_head_kv = hp.n_head_kv if hp is not None else meta.get("n_head_kv")
         dropped = write_peft(dst, lora, n_head, n_head_kv, base_model=base_model)

@@ -27,11 +27,12 @@ from collections import Counter
 
 import numpy as np
 
-from ..engine.lora import LoraParams, LoraSpec
+from ..arch import target_kind
 from ..errors import UserError
 from ..gguf_io import atomic_path, check_readable_file
+from ..lora import LoraParams, LoraSpec
 from ..model import HParams
-from .load import GGLA_MAGIC, file_order, params_from_factors, target_kind
+from .common import GGLA_MAGIC, check_shapes, file_order, params_from_factors
 
 VERSION = 1
 ALIGN = 32
@@ -192,7 +193,5 @@ def read_ggla(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float
         raise UserError(f"adapter '{p}': the .bin adapter holds no tensors")
     lora = params_from_factors(entries, dtype, alpha=float(alpha))
     if hp is not None:
-        from .load import check_shapes
-
         check_shapes(lora, hp, str(p))
     return lora

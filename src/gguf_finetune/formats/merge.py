@@ -34,13 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numba
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+from tqdm import tqdm
 
 from .. import quants
-from ..engine.lora import LoraParams, merge_for_inference
 from ..errors import UserError
 from ..gguf_io import GGUFFile, atomic_path, open_gguf
+from ..lora import LoraParams, merge_for_inference
 from ..model import read_hparams
 from .load import load_adapter
 
@@ -171,8 +175,6 @@ def _encode(w: np.ndarray, qtype: QT) -> bytes:
         return w.astype("<f4", copy=False).tobytes()
     if qtype == QT.F16:
         return w.astype("<f2").tobytes()
-    from gguf import quants as gq
-
     return np.ascontiguousarray(gq.quantize(w, qtype)).tobytes()
 
 
@@ -204,8 +206,6 @@ def _set_threads(threads: int | None) -> None:
     if not threads or threads <= 0:
         return
     try:
-        import numba
-
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     except Exception:  # numba not initialised with threads: keep its default
         pass
@@ -274,8 +274,6 @@ def merge_adapters(model: str | os.PathLike, adapters: Sequence[tuple[str | os.P
     kv, n_kv = _kv_bytes(f, file_type)
 
     show = progress if progress is not None else sys.stderr.isatty()
-    from tqdm import tqdm
-
     bar = tqdm(total=len(plans), desc="export-lora", unit="tensor", file=sys.stderr, disable=not show, leave=False)
     fd = os.open(f.path, os.O_RDONLY)
     try:

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.lora import LoraParams
+from ..arch import split_name, target_kind
 from ..errors import UserError
 from ..gguf_io import atomic_path
+from ..lora import LoraParams, LoraSpec
 from ..model import HParams
-from .load import file_order, params_from_factors, split_name, target_kind
+from .common import check_shapes, file_order, params_from_factors
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -115,7 +116,7 @@ def write_peft(folder: str | os.PathLike, lora: LoraParams, n_head: int | None =
     ``n_head``/``n_head_kv`` are needed when attn_q/attn_k are adapted (RoPE row order).
     """
     try:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save_file  # optional: safetensors (the [peft] extra)
     except ImportError:
         raise UserError("writing a PEFT adapter needs the 'safetensors' package (pip install safetensors)") from None
     keep = [s for s in file_order(lora.layout.specs) if hf_module(s.name) is not None]
@@ -315,8 +316,6 @@ def read_peft(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float
             if heads is None:
                 raise UserError(f"PEFT adapter '{folder}': reading '{module}' needs the model's head counts: give --base MODEL")
             b = permute_rows(b, heads)
-        from ..engine.lora import LoraSpec
-
         kind = target_kind(name)
         entries.append((LoraSpec(name, kind, a.shape[0], b.shape[0], r), a, b, float(scale)))
     if not entries:
@@ -325,8 +324,6 @@ def read_peft(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float
     entries.sort(key=lambda e: order[e[0].name])
     lora = params_from_factors(entries, dtype, alpha=alpha0 if not rslora else None)
     if hp is not None:
-        from .load import check_shapes
-
         check_shapes(lora, hp, str(folder))
     return lora
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..gguf_io import check_readable_file
 
 _MISSING = object()
 
@@ -42,8 +43,6 @@ class GGUFMeta:
     """The tokenizer-relevant metadata of one GGUF file, read eagerly and then closed."""
 
     def __init__(self, path: str | os.PathLike, what: str = "model"):
-        from ..gguf_io import check_readable_file
-
         self.path = check_readable_file(path, what)
         self.what = what
         self._fields: dict[str, Any] = {}

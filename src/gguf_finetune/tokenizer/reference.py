@@ -29,7 +29,7 @@ def available() -> bool:
 class LlamaCppTokenizer:
     def __init__(self, path: str):
         global _quiet_cb
-        import llama_cpp
+        import llama_cpp  # optional: llama-cpp-python, for comparisons only
 
         self._ll = llama_cpp
         if _quiet_cb is None:

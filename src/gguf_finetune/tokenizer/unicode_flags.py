@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import re
 import sys
+import textwrap
 import zlib
 
 import numpy as np
@@ -193,9 +195,6 @@ def widen(text: str) -> str:
 
 def _regenerate(path: str) -> str:
     """Return a new ``_RANGES`` literal from llama.cpp's src/unicode-data.cpp."""
-    import re
-    import textwrap
-
     s = open(path, encoding="utf-8").read()
     a = s.index("unicode_ranges_flags")
     b = s.index("};", a)
