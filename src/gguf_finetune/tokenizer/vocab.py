@@ -153,11 +153,12 @@ def load_vocab(meta, where: str = "model") -> Vocab:
     if n == 0:
         raise UserError(f"{where}: the token list '{K}tokens' is empty")
     raw = list(raw)
-    for i in [i for i, t in enumerate(raw) if not t]:
-        raw[i] = f"[EMPTY_{i}]".encode()
-        warnings.append(f"empty token at index {i}")
+    if not all(raw):
+        for i in [i for i, t in enumerate(raw) if not t]:
+            raw[i] = f"[EMPTY_{i}]".encode()
+            warnings.append(f"empty token at index {i}")
     texts = [t.decode("utf-8", "surrogateescape") for t in raw]
-    token_to_id = {t: i for i, t in enumerate(texts)}  # a repeated text maps to its last id
+    token_to_id = dict(zip(texts, range(n)))  # a repeated text maps to its last id
     if len(token_to_id) != n:
         warnings.append(f"{n - len(token_to_id)} repeated token texts (llama.cpp refuses such a vocabulary)")
 
