@@ -131,6 +131,8 @@ def test_pretokenizer_unicode_classes():
     # non-ASCII whitespace is whitespace; \u00bd is a number; Cyrillic is letters
     assert llama3.split("a\u3000\u3000b \u00bd\u0416\u0416") == ["a", "\u3000", "\u3000b", " ", "\u00bd", "\u0416\u0416"]
     assert RegexSplitter(PRE_TOKENIZERS["gpt-2"].regexes).split("x \u00bd7") == ["x", " \u00bd7"]
+    # '~' is an ASCII member of \p{S} for llama.cpp's collapsed regexes (DeepSeek-V3: [\p{P}\p{S}]+)
+    assert RegexSplitter(PRE_TOKENIZERS["deepseek-v3"].regexes).split("x ~= y~!") == ["x", " ~=", " y", "~!"]
 
 
 def test_every_pretokenizer_compiles_and_covers_text():
@@ -398,3 +400,14 @@ def test_synthetic_quirks_match_llamacpp(tmp_path):
     for text in ("world 12345 hello a <tool> <|im_end|>", " a", "12345", "hello world"):
         for ps in (False, True):
             assert ours.encode(text, True, ps) == theirs.encode(text, True, ps), text
+
+
+@pytest.mark.interop
+@needs_llamacpp
+def test_symbol_class_matches_llamacpp(small_real_merges, tmp_path):
+    # '~' is in llama.cpp's \p{S}: ' ~=' is one DeepSeek-V3 word, so the merge 'Ġ ~' applies to it
+    path = write_bpe_vocab(tmp_path / "v.gguf", "deepseek-v3", small_real_merges + ["\u0120 ~"])
+    ours, theirs = load_tokenizer(path), ref.LlamaCppTokenizer(str(path))
+    assert "\u0120~" in texts_of(ours, ours.encode("x ~= y"))
+    for text in ("x ~= y", "a ~~ b~!", "~\u00e9 ~", "1~2 ~"):
+        assert ours.encode(text) == theirs.encode(text), text
