@@ -23,6 +23,7 @@ from gguf_finetune.tokenizer.bpe import BYTE_TO_CHAR, to_byte_chars
 from gguf_finetune.tokenizer.gguf_meta import GGUFMeta
 from gguf_finetune.tokenizer.merge import SMALL, merge, merge_pairs, merge_reference
 from gguf_finetune.tokenizer.pretokenizers import PRE_TOKENIZERS, RegexSplitter
+from gguf_finetune.tokenizer.vocab import ATTR_USER_DEFINED
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,8 @@ def test_pretokenizer_unicode_classes():
     # non-ASCII whitespace is whitespace; \u00bd is a number; Cyrillic is letters
     assert llama3.split("a\u3000\u3000b \u00bd\u0416\u0416") == ["a", "\u3000", "\u3000b", " ", "\u00bd", "\u0416\u0416"]
     assert RegexSplitter(PRE_TOKENIZERS["gpt-2"].regexes).split("x \u00bd7") == ["x", " \u00bd7"]
+    # '~' is an ASCII member of \p{S} for llama.cpp's collapsed regexes (DeepSeek-V3: [\p{P}\p{S}]+)
+    assert RegexSplitter(PRE_TOKENIZERS["deepseek-v3"].regexes).split("x ~= y~!") == ["x", " ~=", " y", "~!"]
 
 
 def test_every_pretokenizer_compiles_and_covers_text():
@@ -241,6 +244,44 @@ def test_synthetic_special_tokens(tmp_path):
     assert parsed == ["a", "<|im_start|>", "b", "<tool>", "c", "<|im_end|>"]
     assert tok.detokenize(tok.encode(text, parse_special=True)) == "ab<tool>c"  # control tokens print nothing
     assert tok.detokenize(tok.encode(text, parse_special=True), special=True) == text
+
+
+# texts llama.cpp treats specially when it loads a vocabulary, typed normal here on purpose
+GPT_OSS = ("<|end|>", "<|return|>", "<|call|>", "<|channel|>", "<|message|>")
+GEMMA4_LIKE = ("</s>", "<|tool_response>")
+
+
+def test_special_texts_rules(tmp_path):
+    tok = load_tokenizer(write_bpe_vocab(tmp_path / "o.gguf", "gpt-2", DIGIT_MERGES, extra=GPT_OSS))
+    tid = tok.vocab.token_to_id
+    # end-of-generation texts become control tokens; with <|return|> and <|call|> present, '<|end|>'
+    # only ends a message (user-defined, not EOG); gpt-oss's channel markers are always user-defined
+    assert tok.is_control(tid["<|return|>"]) and tok.is_eog(tid["<|return|>"]) and tok.is_eog(tid["<|call|>"])
+    assert not tok.is_eog(tid["<|end|>"])
+    assert [tok.vocab.attrs[tid[t]] for t in ("<|end|>", "<|channel|>", "<|message|>")] == [ATTR_USER_DEFINED] * 3
+    text = "a<|end|>b<|return|>c<|channel|>"
+    assert "<|end|>" in texts_of(tok, tok.encode(text)) and "<|return|>" not in texts_of(tok, tok.encode(text))
+    # '</s>' ends generation (and becomes control) unless the vocabulary also has '<|tool_response>'
+    for extra, eog in ((GEMMA4_LIKE[:1], True), (GEMMA4_LIKE, False)):
+        tok = load_tokenizer(write_bpe_vocab(tmp_path / f"s{eog}.gguf", "gpt-2", DIGIT_MERGES, extra=extra))
+        s = tok.vocab.token_to_id["</s>"]
+        assert (tok.is_eog(s), tok.is_control(s)) == (eog, eog)
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(not ref.available(), reason="llama-cpp-python not installed")
+@pytest.mark.parametrize("extra", [GPT_OSS, GEMMA4_LIKE[:1], GEMMA4_LIKE])
+def test_special_texts_rules_match_llamacpp(extra, tmp_path):
+    path = write_bpe_vocab(tmp_path / "v.gguf", "gpt-2", DIGIT_MERGES, extra=extra)
+    ours, theirs = load_tokenizer(path), ref.LlamaCppTokenizer(str(path))
+    for i in range(ours.n_vocab):
+        assert (int(ours.vocab.attrs[i]), ours.is_eog(i)) == (theirs.token_attr(i), theirs.is_eog(i)), ours.token_text(i)
+    text = "".join(f"x{t}" for t in extra + tuple(t for t, _ in SPECIALS)) + " 12"
+    for ps in (False, True):
+        ids = theirs.encode(text, True, ps)
+        assert ours.encode(text, True, ps) == ids
+        for special in (False, True):
+            assert ours.detokenize_bytes(ids, special) == theirs.detokenize_bytes(ids, special)
 
 
 def test_unknown_and_missing_pre(tmp_path):
@@ -398,3 +439,14 @@ def test_synthetic_quirks_match_llamacpp(tmp_path):
     for text in ("world 12345 hello a <tool> <|im_end|>", " a", "12345", "hello world"):
         for ps in (False, True):
             assert ours.encode(text, True, ps) == theirs.encode(text, True, ps), text
+
+
+@pytest.mark.interop
+@needs_llamacpp
+def test_symbol_class_matches_llamacpp(small_real_merges, tmp_path):
+    # '~' is in llama.cpp's \p{S}: ' ~=' is one DeepSeek-V3 word, so the merge 'Ġ ~' applies to it
+    path = write_bpe_vocab(tmp_path / "v.gguf", "deepseek-v3", small_real_merges + ["\u0120 ~"])
+    ours, theirs = load_tokenizer(path), ref.LlamaCppTokenizer(str(path))
+    assert "\u0120~" in texts_of(ours, ours.encode("x ~= y"))
+    for text in ("x ~= y", "a ~~ b~!", "~\u00e9 ~", "1~2 ~"):
+        assert ours.encode(text) == theirs.encode(text), text

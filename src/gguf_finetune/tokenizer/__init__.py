@@ -8,7 +8,9 @@
     tok.detokenize_bytes(ids)                   # the same, undecoded
 
 Supported: ``tokenizer.ggml.model`` 'llama' (SentencePiece, :mod:`.spm`) and 'gpt2' (byte-level
-BPE with every pre-tokenizer llama.cpp knows, :mod:`.bpe`, :mod:`.pretokenizers`).
+BPE with llama.cpp's pre-tokenizers, :mod:`.bpe`, :mod:`.pretokenizers`).  Checked against llama.cpp
+(llama-cpp-python 0.3.36): Llama's SPM, Gemma 3's SPM (262k tokens, byte fallback, user-defined
+tokens), SmolLM2's BPE, Qwen2/2.5/3's 'qwen2' and Qwen3.5's 'qwen35' pre-tokenizers.
 """
 
 from __future__ import annotations

@@ -113,17 +113,20 @@ class GGUFMeta:
                         raise ValueError(f"array of {count} strings in a {size}-byte file")
                     items = []
                     append = items.append
-                    for _i in range(count):
-                        (n,) = u64.unpack_from(mm, off)
-                        off += 8
-                        end = off + n
-                        if end > size:
-                            raise ValueError("string runs past the end of the file")
-                        if keep:
-                            append(mm[off:end])
-                        off = end
+                    unpack = u64.unpack_from
+                    # (one check after the loop: a length running past the end makes the next
+                    # unpack fail or leaves off > size)
                     if keep:
+                        for _i in range(count):
+                            n = unpack(mm, off)[0] + 8
+                            append(mm[off + 8:off + n])
+                            off += n
                         self._fields[key] = items
+                    else:
+                        for _i in range(count):
+                            off += unpack(mm, off)[0] + 8
+                    if off > size:
+                        raise ValueError("string runs past the end of the file")
                 elif etype in _SCALAR:
                     _code, dt = _SCALAR[etype]
                     dt = np.dtype(dt).newbyteorder(bo)

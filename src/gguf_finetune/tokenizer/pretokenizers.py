@@ -31,6 +31,9 @@ LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
          r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5: letter runs also take combining marks (\p{M})
+QWEN35 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"
+          r"|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 TEKKEN = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
           r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
@@ -111,8 +114,9 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
         "jina-v2-de", "jina-v2-code", "roberta-bpe")},
     "refact": _spec("refact", STARCODER),
     "command-r": _spec("command_r", STARCODER, **_NOCLEAN),
-    "qwen2": _spec("qwen2", (QWEN2,), **_NOCLEAN),
-    "deepseek-r1-qwen": _spec("qwen2", (QWEN2,), **_NOCLEAN),
+    # Qwen2, Qwen2.5, Qwen3 (and their distills) all write 'qwen2'
+    **{k: _spec("qwen2", (QWEN2,), **_NOCLEAN) for k in ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2")},
+    "qwen35": _spec("qwen35", (QWEN35,), **_NOCLEAN),
     "megrez": _spec("qwen2", (QWEN2,)),
     "stablelm2": _spec("stablelm2", (QWEN2,)),
     "olmo": _spec("olmo", (GPT2,)),
@@ -157,6 +161,7 @@ def resolve_pre(pre: str | None) -> tuple[str, PreTokenizerSpec, str | None]:
 _W = "\\t\\n\\x0b\\x0c\\r "  # llama.cpp is_whitespace, as it appears in the collapsed text
 _L = uf.CLASS_MEMBERS[r"\p{L}"]
 _N = uf.CLASS_MEMBERS[r"\p{N}"]
+_M = uf.CLASS_MEMBERS[r"\p{M}"]
 
 # llama.cpp's hand-written GPT-2 splitter (unicode_regex_split_custom_gpt2) as a regex: the GPT-2
 # regex plus a final \s+ (a single whitespace before a non-space is a piece of its own).
@@ -166,9 +171,20 @@ _GPT2_SPLIT = (f"'s|'t|'re|'ve|'m|'ll|'d| ?[{_L}]+| ?[{_N}]+| ?[^{_W}{_L}{_N}]+"
 _LLAMA3_SPLIT = (f"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\\r\\n{_L}{_N}]?[{_L}]+"
                  f"|[{_N}]{{1,3}}| ?[^{_W}{_L}{_N}]+[\\r\\n]*|[{_W}]*[\\r\\n]+|[{_W}]+(?![^{_W}])|[{_W}]+")
 
+# llama.cpp's hand-written Qwen2 and Qwen3.5 splitters (unicode_regex_split_custom_qwen2/_qwen35):
+# the Llama-3 one with single digits (and, for Qwen3.5, marks counted with letters).  These regexes
+# are what the collapsed QWEN2/QWEN35 regexes become anyway; they are listed to mirror llama.cpp's
+# dispatch (tests/test_tokenizer_qwen2.py checks them against a port of those splitters).
+_QWEN2_SPLIT = (f"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\\r\\n{_L}{_N}]?[{_L}]+"
+                f"|[{_N}]| ?[^{_W}{_L}{_N}]+[\\r\\n]*|[{_W}]*[\\r\\n]+|[{_W}]+(?![^{_W}])|[{_W}]+")
+_QWEN35_SPLIT = (f"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\\r\\n{_L}{_N}]?[{_L}{_M}]+"
+                 f"|[{_N}]| ?[^{_W}{_L}{_M}{_N}]+[\\r\\n]*|[{_W}]*[\\r\\n]+|[{_W}]+(?![^{_W}])|[{_W}]+")
+
 _CUSTOM = {
     GPT2: _GPT2_SPLIT,
     LLAMA3: _LLAMA3_SPLIT,
+    QWEN2: _QWEN2_SPLIT,
+    QWEN35: _QWEN35_SPLIT,
     # llama.cpp also accepts the original (?i:...) spelling for its Llama-3 splitter
     LLAMA3.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
                    "(?i:'s|'t|'re|'ve|'m|'ll|'d)"): _LLAMA3_SPLIT,

@@ -66,6 +66,13 @@ class LlamaCppTokenizer:
             r = ll.llama_tokenize(self._vocab, b, len(b), buf, n, add_special, parse_special)
         return list(buf[:r])
 
+    def token_attr(self, token_id: int) -> int:
+        """llama_vocab_get_attr: the llama_token_attr bits after llama.cpp's load-time rules."""
+        return int(self._ll.llama_vocab_get_attr(self._vocab, token_id))
+
+    def is_eog(self, token_id: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, token_id))
+
     def detokenize_bytes(self, ids: list[int], special: bool = False) -> bytes:
         ll = self._ll
         arr = (ll.llama_token * max(1, len(ids)))(*ids)

@@ -49,13 +49,14 @@ COLLAPSED_OTHER = 0xD0
 COLLAPSED_SPACE = 0x0B
 
 # What each \\p{X} becomes inside a character class of a collapsed regex: the collapsed byte plus
-# the ASCII members of the category as llama.cpp lists them (note: '~' is in neither P nor S there).
+# the ASCII members of the category as llama.cpp lists them ('~' is a symbol in the llama.cpp of
+# llama-cpp-python 0.3.36; older llama.cpp had it in neither P nor S).
 CLASS_MEMBERS = {
     "\\p{N}": chr(0xD1) + "0-9",
     "\\p{L}": chr(0xD2) + "A-Za-z",
     "\\p{P}": chr(0xD3) + "!-#%-*,-/:-;?-@\\[-\\]_\\{\\}",
     "\\p{M}": chr(0xD4),
-    "\\p{S}": chr(0xD5) + "\\$\\+<->\\^`\\|",
+    "\\p{S}": chr(0xD5) + "\\$\\+<->\\^`\\|~",
 }
 
 _RANGES = (

@@ -35,19 +35,32 @@ _TYPE_TO_ATTR[[TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_
 
 K = "tokenizer.ggml."
 
-# texts llama.cpp uses to find special tokens that the metadata does not name
-_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
-              "<\uff5cend\u2581of\u2581sentence\uff5c>")
+# texts llama.cpp uses to find special tokens that the metadata does not name (llama-vocab.cpp as
+# of llama-cpp-python 0.3.36); a token found this way becomes a control token
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
+              "_<EOT>", "[EOT]", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>")
 _EOM_TEXTS = ("<|eom_id|>",)
 _FIM_TEXTS = {
-    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>"),
-    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>"),
-    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>"),
-    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<PAD>"),
-    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>"),
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>", "\u2581<PRE>",
+                "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>", "\u2581<SUF>",
+                "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>", "\u2581<MID>",
+                "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "fim_sep": ("<|file_sep|>",),
 }
-_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>")
+# "end of generation" texts.  Note '</s>': in Gemma 3 it is a user-defined token (HTML strike-through),
+# which llama.cpp thereby turns into a control token too (not split out of plain text, printed only
+# with special=True); only a vocabulary that also has '<|tool_response>' or '<|plamo:eos|>' keeps it
+# normal (see load_vocab).
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+              "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+              "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+              "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[")
+# gpt-oss: always rendered, so llama.cpp makes them user-defined whatever their type
+_ALWAYS_USER_DEFINED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")
 
 # metadata key -> special id name (later keys of the same name win, as in llama.cpp's list)
 _SPECIAL_KEYS = (
@@ -153,11 +166,12 @@ def load_vocab(meta, where: str = "model") -> Vocab:
     if n == 0:
         raise UserError(f"{where}: the token list '{K}tokens' is empty")
     raw = list(raw)
-    for i in [i for i, t in enumerate(raw) if not t]:
-        raw[i] = f"[EMPTY_{i}]".encode()
-        warnings.append(f"empty token at index {i}")
+    if not all(raw):
+        for i in [i for i, t in enumerate(raw) if not t]:
+            raw[i] = f"[EMPTY_{i}]".encode()
+            warnings.append(f"empty token at index {i}")
     texts = [t.decode("utf-8", "surrogateescape") for t in raw]
-    token_to_id = {t: i for i, t in enumerate(texts)}  # a repeated text maps to its last id
+    token_to_id = dict(zip(texts, range(n)))  # a repeated text maps to its last id
     if len(token_to_id) != n:
         warnings.append(f"{n - len(token_to_id)} repeated token texts (llama.cpp refuses such a vocabulary)")
 
@@ -186,7 +200,7 @@ def load_vocab(meta, where: str = "model") -> Vocab:
     def make_control(i: int) -> None:
         if not attrs[i] & ATTR_CONTROL:
             warnings.append(f"control-looking token {i} '{texts[i]}' was not control-type; treated as control")
-            attrs[i] = ATTR_CONTROL
+            attrs[i] |= ATTR_CONTROL  # llama.cpp adds the bit: a user-defined token stays user-defined too
 
     for name, names in (("eot", _EOT_TEXTS), ("eom", _EOM_TEXTS), *_FIM_TEXTS.items()):
         if special[name] is None:
@@ -194,15 +208,33 @@ def load_vocab(meta, where: str = "model") -> Vocab:
             if i is not None:
                 special[name] = i
                 make_control(i)
+    # control tokens named "...unused..." are marked unused (no effect on tokenizing or printing)
+    ctrl = np.nonzero(attrs & ATTR_CONTROL)[0].tolist()
+    attrs[[i for i in ctrl if "unused" in texts[i]]] |= ATTR_UNUSED
     eog = {special[k] for k in ("fim_pad", "fim_rep", "fim_sep") if special[k] is not None}
     for s in _EOG_TEXTS:
         i = token_to_id.get(s)
         if i is not None:
             eog.add(i)
             make_control(i)
+    for s in _ALWAYS_USER_DEFINED:
+        if s in token_to_id:
+            attrs[token_to_id[s]] = ATTR_USER_DEFINED
     for k in ("eos", "eot", "eom"):
         if special[k] is not None:
             eog.add(special[k])
+    eog_texts = {texts[i]: i for i in sorted(eog)}
+    # gpt-oss / solar-open: '<|end|>' ends a message, not the generation
+    if "<|end|>" in eog_texts and (("<|return|>" in eog_texts and ("<|call|>" in eog_texts or "<|calls|>" in eog_texts))
+                                   or (("<|call|>" in eog_texts or "<|calls|>" in eog_texts) and "<|flush|>" in eog_texts)):
+        i = eog_texts["<|end|>"]
+        eog.discard(i)
+        attrs[i] = ATTR_USER_DEFINED
+    # gemma4 / plamo: '</s>' is a normal token there
+    if "</s>" in eog_texts and ("<|tool_response>" in eog_texts or "<|plamo:eos|>" in eog_texts):
+        i = eog_texts["</s>"]
+        eog.discard(i)
+        attrs[i] = ATTR_NORMAL
 
     # per-model attributes llama.cpp sets by name
     if pre_gguf and any(s in pre_gguf for s in ("jina-v2-de", "jina-v2-es", "jina-v2-code")):
