@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from gguf_finetune.engine import forward as F
-from gguf_finetune.model import LAYER_MATS
+from gguf_finetune.model import block_tensor
 from gguf_finetune.quants import dequantize_tensor
 
 _lib = None
@@ -104,10 +104,11 @@ class LlamaCppMatmuls:
         if not w.cache_layers:
             raise ValueError("LlamaCppMatmuls needs the float32 layer cache")
         self.by_id = {}
+        mats = [n for n, shape in hp.block_shapes().items() if len(shape) == 2]
         for il in range(hp.n_layer):
             lw = w.layer(il)
-            for n in LAYER_MATS:
-                self.by_id[id(getattr(lw, n))] = _Quantized(f.tensor(f"blk.{il}.{n}.weight"))
+            for n in mats:
+                self.by_id[id(lw[n])] = _Quantized(f.tensor(block_tensor(n, il)))
         self.head = _Quantized(f.tensor("token_embd.weight" if hp.tied_embeddings else "output.weight"))
 
     def _jittered(self, x):
@@ -115,8 +116,10 @@ class LlamaCppMatmuls:
             return x
         return (x * (1 + self.jitter * self.rng.standard_normal(x.shape))).astype(x.dtype)
 
-    def _linear(self, x, W, lora):
+    def _linear(self, x, W, lora, bias=None):
         y = self.by_id[id(W)].matmul(self._jittered(x), self.quantize)
+        if bias is not None:
+            y += bias
         if lora is None:
             return y, None
         a, b, s = lora

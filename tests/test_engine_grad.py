@@ -1,7 +1,9 @@
 """Exact LoRA gradients: analytic backward against central finite differences in float64.
 
 Every combination of GQA/MHA, tied/untied output, checkpointing on/off, flash on/off and norm
-adapters on/off, with batch 2 and a per-token loss weight that includes zeros.
+adapters on/off, with batch 2 and a per-token loss weight that includes zeros; and every family
+with its own graph pieces switched on (biases, q/k norms, post norms, GELU, embedding scale,
+soft-capping, sliding window, partial rotary with frequency factors, fused qkv and gate+up).
 """
 
 from __future__ import annotations
@@ -28,6 +30,27 @@ def tiny(tmp_path_factory, gqa: bool, tied: bool, dtype=np.float64, budget=None)
     return hp, Weights(f, hp, budget=budget, dtype=dtype)
 
 
+def family(tmp_path_factory, arch: str, dtype=np.float64, budget=None):
+    """A tiny model of ``arch`` with every option the family has switched on."""
+    base = dict(n_vocab=300, n_embd=16, n_ff=24, n_layer=2, n_head=4, n_head_kv=2, seed=5, std=0.3, arch=arch)
+    spec = SyntheticSpec(**(base | FAMILY_SPECS[arch]))
+    path = tmp_path_factory.mktemp("fam") / f"{arch}.gguf"
+    write_synthetic_model(path, spec)
+    f = open_gguf(path)
+    hp = read_hparams(f)
+    return hp, Weights(f, hp, budget=budget, dtype=dtype)
+
+
+FAMILY_SPECS = {
+    "llama": dict(rope_factors=True),  # llama 3.1's rope_freqs
+    "qwen2": dict(tied=True),  # q/k/v biases, NeoX
+    "qwen3": dict(head_dim=6, tied=True),  # q/k norms, Cq = 24 != n_embd
+    # 3 layers, pattern 2: local, global, local; window 3 < T; soft-capped logits; embedding scale; GELU
+    "gemma3": dict(n_layer=3, head_dim=8, tied=True, sliding_window=3, swa_pattern=2, softcap=2.0),
+    "phi3": dict(n_rot=2, rope_factors=True),  # fused qkv and gate+up, partial rotary, LongRoPE factors
+}
+
+
 def random_lora(hp, norm_rank: int, dtype, seed=0) -> LoraParams:
     ranks = LoraRanks.uniform(2, norm_rank=norm_rank)
     layout = LoraLayout(make_specs(hp, ranks))
@@ -52,8 +75,21 @@ COMBOS = list(itertools.product([True, False], [True, False], [True, False], [Tr
 @pytest.mark.parametrize("gqa,tied,ckpt,flash,norm_rank", COMBOS)
 def test_gradients_match_finite_differences(tmp_path_factory, gqa, tied, ckpt, flash, norm_rank):
     hp, w = tiny(tmp_path_factory, gqa, tied)
-    lora = random_lora(hp, norm_rank, np.float64)
-    tokens, targets, mask = batch(hp)
+    check_gradients(hp, w, random_lora(hp, norm_rank, np.float64), batch(hp), ckpt, flash)
+
+
+@pytest.mark.parametrize("ckpt,flash", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("arch", sorted(FAMILY_SPECS))
+def test_family_gradients_match_finite_differences(tmp_path_factory, arch, ckpt, flash):
+    hp, w = family(tmp_path_factory, arch)
+    assert hp.arch == arch
+    if arch == "gemma3":
+        assert [hp.is_local(il) for il in range(hp.n_layer)] == [True, False, True] and hp.softcap == 2.0
+    check_gradients(hp, w, random_lora(hp, 1, np.float64), batch(hp), ckpt, flash)
+
+
+def check_gradients(hp, w, lora, data, ckpt: bool, flash: bool) -> None:
+    tokens, targets, mask = data
     inv_norm = 1.0 / mask.sum()
 
     def loss(flat):

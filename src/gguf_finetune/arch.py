@@ -13,13 +13,15 @@ Names: a global tensor is ``<base>.weight`` (``token_embd.weight``); a block ten
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # -- tensor base names (llama.cpp's LLM_TENSOR_NAMES) -----------------------------------------------
 TOKEN_EMBD = "token_embd"
 OUTPUT_NORM = "output_norm"
 OUTPUT = "output"
-ROPE_FACTORS_LONG = "rope_factors_long"
+ROPE_FREQS = "rope_freqs"  # llama 3.1+: frequency factors of every layer's RoPE
+ROPE_FACTORS_LONG = "rope_factors_long"  # Phi-3 LongRoPE, for contexts past the original one
 ROPE_FACTORS_SHORT = "rope_factors_short"
 
 ATTN_NORM = "attn_norm"
@@ -136,15 +138,19 @@ class Arch:
     act             gated activation of the feed-forward: 'silu' or 'gelu_tanh'
     embd_scale      multiply the token embeddings by sqrt(n_embd) (Gemma)
     swa_pattern     sliding-window layers: layer il is local when il % swa_pattern < swa_pattern - 1
-                    (0: no sliding window; the file's ``<arch>.attention.sliding_window_pattern``
-                    wins when present)
-    swa_rope_base   RoPE base of the local layers (None: the file's)
+                    (0: none; the file's ``<arch>.attention.sliding_window_pattern`` wins when present)
+    swa_rope_base   RoPE base of the local layers, which also drop the file's RoPE scaling
+                    (None: local layers use the file's; ``<arch>.rope.freq_base_swa`` wins when present)
     swa_used        whether llama.cpp applies the file's sliding window at all (Phi-3: ignored)
+    scale_embd_at   the block count of the one size whose attention scale is 1/sqrt(n_embd/n_head)
+                    instead of 1/sqrt(head_dim) (Gemma 3 27B: 62, llama.cpp's rule; 0: none)
     fused_up        ``ffn_up`` holds [gate | up] stacked (2·n_ff rows) and there is no ffn_gate
+    rope_factors    tensors that may hold RoPE frequency factors, the one used first (llama 3.1+:
+                    rope_freqs; Phi-3 LongRoPE: the short factors, for contexts within the original one)
     permute_qk      convert_hf_to_gguf permuted attn_q/attn_k rows for RoPE (llama only): PEFT
                     export undoes it
     peft            PEFT module names that differ from the targets' defaults (target key -> module)
-    chat_template   built-in template when the file has none
+    chat_template   built-in chat template (data/chat_template.py) for files that carry none
     """
 
     name: str
@@ -156,7 +162,9 @@ class Arch:
     swa_pattern: int = 0
     swa_rope_base: float | None = None
     swa_used: bool = True
+    scale_embd_at: int = 0
     fused_up: bool = False
+    rope_factors: tuple[str, ...] = ()
     permute_qk: bool = False
     peft: tuple[tuple[str, str], ...] = ()
     chat_template: str | None = None
@@ -176,18 +184,33 @@ class Arch:
     def has_target(self, t: Target) -> bool:
         return not t.per_layer or t.tensor in self.block
 
-    def targets(self, tied: bool = False) -> tuple[Target, ...]:
-        """The targets a model of this family has (no ``output`` when the head is tied)."""
-        return tuple(t for t in TARGETS if self.has_target(t) and not (tied and t.tensor == OUTPUT))
+    def targets(self) -> tuple[Target, ...]:
+        """The LoRA targets a model of this family has."""
+        return tuple(t for t in TARGETS if self.has_target(t))
 
     def peft_module(self, t: Target) -> str | None:
         return dict(self.peft).get(t.key, t.peft)
 
+    def attn_scale(self, n_embd: int, n_head: int, head_dim: int, n_layer: int) -> float:
+        """What multiplies q·k before the softmax."""
+        d = n_embd // n_head if self.scale_embd_at and n_layer == self.scale_embd_at else head_dim
+        return 1.0 / math.sqrt(d)
 
-_LLAMA_BLOCK = (ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN)
+
+_ATTN = (ATTN_NORM, ATTN_Q, ATTN_K, ATTN_V)
+_FFN = (FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN)
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
-    Arch("llama", _LLAMA_BLOCK, permute_qk=True),
+    Arch("llama", _ATTN + (ATTN_OUT,) + _FFN, rope_factors=(ROPE_FREQS,), permute_qk=True),
+    Arch("qwen2", _ATTN + (ATTN_OUT,) + _FFN, biases=(ATTN_Q, ATTN_K, ATTN_V), rope=ROPE_NEOX,
+         chat_template="chatml"),
+    Arch("qwen3", _ATTN + (ATTN_Q_NORM, ATTN_K_NORM, ATTN_OUT) + _FFN, rope=ROPE_NEOX, chat_template="chatml"),
+    Arch("gemma3", _ATTN + (ATTN_Q_NORM, ATTN_K_NORM, ATTN_OUT, ATTN_POST_NORM) + _FFN + (FFN_POST_NORM,),
+         rope=ROPE_NEOX, act="gelu_tanh", embd_scale=True, swa_pattern=6, swa_rope_base=10000.0, scale_embd_at=62,
+         chat_template="gemma"),
+    Arch("phi3", (ATTN_NORM, ATTN_QKV, ATTN_OUT, FFN_NORM, FFN_UP, FFN_DOWN), rope=ROPE_NEOX, swa_used=False,
+         fused_up=True, rope_factors=(ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG), peft=(("wqkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")),
+         chat_template="phi3"),
 )}
 
 SUPPORTED = tuple(ARCHS)

@@ -1,9 +1,9 @@
-"""A GGUF model's hyper-parameters and memory-mapped weights.
+"""A GGUF model's hyper-parameters and memory-mapped weights, for every family in arch.ARCHS.
 
-``read_hparams`` reads the header for the family's graph (arch.py), ``check_tensors`` checks every
-tensor it needs (name, shape, type); tensor data stays memory-mapped.  Float32 base weights come from :class:`Weights`:
-either a float32 cache of every layer (when it fits the memory budget) or per-layer
-dequantization into two reused scratch sets.  Results are identical either way.
+``read_hparams`` reads the header for the family's graph, ``check_tensors`` checks every tensor it
+needs (name, shape, type); tensor data stays memory-mapped.  Float32 base weights come from
+:class:`Weights`: either a float32 cache of every layer (when it fits the memory budget) or
+per-layer dequantization into reused scratch buffers.  Results are identical either way.
 """
 
 from __future__ import annotations
@@ -18,31 +18,47 @@ from . import quants
 from .arch import (
     ARCHS,
     ATTN_K,
+    ATTN_K_NORM,
     ATTN_NORM,
     ATTN_OUT,
+    ATTN_POST_NORM,
     ATTN_Q,
+    ATTN_Q_NORM,
+    ATTN_QKV,
     ATTN_V,
     FFN_DOWN,
     FFN_GATE,
     FFN_NORM,
+    FFN_POST_NORM,
     FFN_UP,
     OUTPUT,
     OUTPUT_NORM,
     SUPPORTED,
     TOKEN_EMBD,
     Arch,
+    bias,
+    weight,
 )
 from .errors import UserError
 from .gguf_io import GGUFFile
 
-# per-layer weight names, in the order they are used
-LAYER_MATS = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT, FFN_GATE, FFN_UP, FFN_DOWN)
-LAYER_NORMS = (ATTN_NORM, FFN_NORM)
+MAX_DIM = 1 << 24  # no dimension in a header may exceed this (bounds every allocation it sizes)
 
 
 @dataclass(frozen=True)
 class HParams:
-    """Hyper-parameters of a llama-architecture model (names follow llama.cpp)."""
+    """Hyper-parameters of a model (names follow llama.cpp's llama_hparams).
+
+    head_dim      size of one attention head (``attention.key_length``; n_embd / n_head by default)
+    n_rot         dimensions of a head that RoPE rotates (partial rotary when < head_dim)
+    swa_window    sliding window of the local layers (0: none), see :meth:`is_local`
+    swa_pattern   layer il is local when il % swa_pattern < swa_pattern - 1 (0: no local layer)
+    rope_base_local, rope_scale_local  RoPE base and scale of the local layers
+    attn_scale    multiplies q·k before the softmax
+    softcap       final logit soft-capping c: logits = c·tanh(logits / c) (0: none)
+    rope_factors  name of the tensor dividing RoPE's frequencies ('' : none)
+    rope_mscale   multiplies RoPE's cos and sin (LongRoPE's attention factor; 1: none)
+    """
 
     n_vocab: int
     n_ctx_train: int
@@ -57,6 +73,21 @@ class HParams:
     rms_eps: float = 1e-5
     tied_embeddings: bool = False
     arch: str = "llama"
+    head_dim: int = 0  # 0: n_embd // n_head
+    swa_window: int = 0
+    swa_pattern: int = 0
+    rope_base_local: float = 10000.0
+    rope_scale_local: float = 1.0
+    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
+    softcap: float = 0.0
+    rope_factors: str = ""
+    rope_mscale: float = 1.0
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        if not self.attn_scale:
+            object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim))
 
     @property
     def spec(self) -> Arch:
@@ -64,8 +95,8 @@ class HParams:
         return ARCHS[self.arch]
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def n_embd_q(self) -> int:
+        return self.head_dim * self.n_head
 
     @property
     def n_embd_kv(self) -> int:
@@ -75,33 +106,62 @@ class HParams:
     def n_gqa(self) -> int:
         return self.n_head // self.n_head_kv
 
+    def is_local(self, il: int) -> bool:
+        """Whether layer ``il`` attends only to the last ``swa_window`` positions (sliding window)."""
+        p = self.swa_pattern
+        return self.swa_window > 0 and p > 0 and il % p < p - 1
+
+    def rope_of(self, il: int) -> tuple[float, float]:
+        """(RoPE base, frequency scale) of layer ``il``."""
+        if self.is_local(il):
+            return self.rope_base_local, self.rope_scale_local
+        return self.rope_freq_base, self.rope_freq_scale
+
     def lora_dims(self, base: str) -> tuple[int, int]:
         """(n_out, n_in) of a LoRA target's base tensor: norms are (1, n_embd), token_embd (n_vocab, n_embd)."""
-        C, F, V, Ckv = self.n_embd, self.n_ff, self.n_vocab, self.n_embd_kv
+        C, F, V, Cq, Ckv = self.n_embd, self.n_ff, self.n_vocab, self.n_embd_q, self.n_embd_kv
         return {
-            TOKEN_EMBD: (V, C), OUTPUT: (V, C), OUTPUT_NORM: (1, C), ATTN_NORM: (1, C),
-            FFN_NORM: (1, C), ATTN_Q: (C, C), ATTN_K: (Ckv, C), ATTN_V: (Ckv, C),
-            ATTN_OUT: (C, C), FFN_GATE: (F, C), FFN_UP: (F, C), FFN_DOWN: (C, F),
+            TOKEN_EMBD: (V, C), OUTPUT: (V, C), OUTPUT_NORM: (1, C), ATTN_NORM: (1, C), FFN_NORM: (1, C),
+            ATTN_Q: (Cq, C), ATTN_K: (Ckv, C), ATTN_V: (Ckv, C), ATTN_QKV: (Cq + 2 * Ckv, C), ATTN_OUT: (C, Cq),
+            FFN_GATE: (F, C), FFN_UP: (2 * F if self.spec.fused_up else F, C), FFN_DOWN: (C, F),
         }[base]
 
+    def block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Numpy shapes (rows = outputs) of one block's tensors, by name within the block
+        ('attn_q', 'attn_q.bias', 'attn_q_norm', ...)."""
+        C, D, Cq, Ckv = self.n_embd, self.head_dim, self.n_embd_q, self.n_embd_kv
+        out: dict[str, tuple[int, ...]] = {}
+        for base in self.spec.block:
+            if base in (ATTN_Q_NORM, ATTN_K_NORM):
+                out[base] = (D,)
+            elif base in (ATTN_NORM, FFN_NORM, ATTN_POST_NORM, FFN_POST_NORM):
+                out[base] = (C,)
+            else:
+                n_out, n_in = self.lora_dims(base)
+                out[base] = (n_out, n_in)
+        for base in self.spec.biases:
+            out[base + ".bias"] = (self.lora_dims(base)[0],)
+        assert (Cq, Ckv) == (self.lora_dims(ATTN_Q)[0], self.lora_dims(ATTN_K)[0])
+        return out
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Expected numpy shapes (rows = outputs) of every tensor of the llama graph."""
-        C, F, V, Ckv = self.n_embd, self.n_ff, self.n_vocab, self.n_embd_kv
-        s: dict[str, tuple[int, ...]] = {"token_embd.weight": (V, C), "output_norm.weight": (C,)}
+        """Expected numpy shapes of every tensor of the graph, by full GGUF name."""
+        C, V = self.n_embd, self.n_vocab
+        s: dict[str, tuple[int, ...]] = {weight(TOKEN_EMBD): (V, C), weight(OUTPUT_NORM): (C,)}
         if not self.tied_embeddings:
-            s["output.weight"] = (V, C)
-        for i in range(self.n_layer):
-            p = f"blk.{i}."
-            s[p + "attn_norm.weight"] = (C,)
-            s[p + "attn_q.weight"] = (C, C)
-            s[p + "attn_k.weight"] = (Ckv, C)
-            s[p + "attn_v.weight"] = (Ckv, C)
-            s[p + "attn_output.weight"] = (C, C)
-            s[p + "ffn_norm.weight"] = (C,)
-            s[p + "ffn_gate.weight"] = (F, C)
-            s[p + "ffn_up.weight"] = (F, C)
-            s[p + "ffn_down.weight"] = (C, F)
+            s[weight(OUTPUT)] = (V, C)
+        if self.rope_factors:
+            s[self.rope_factors + ".weight"] = (self.n_rot // 2,)
+        block = self.block_shapes()
+        for il in range(self.n_layer):
+            for name, shape in block.items():
+                s[block_tensor(name, il)] = shape
         return s
+
+
+def block_tensor(name: str, il: int) -> str:
+    """'attn_q', 3 -> 'blk.3.attn_q.weight'; 'attn_q.bias', 3 -> 'blk.3.attn_q.bias'."""
+    return bias(name[:-5], il) if name.endswith(".bias") else weight(name, il)
 
 
 @dataclass(frozen=True)
@@ -114,16 +174,19 @@ class HParamOverrides:
 
 
 def read_hparams(f: GGUFFile, overrides: HParamOverrides | None = None) -> HParams:
+    """The model's hyper-parameters from its header, checked (one UserError naming the key)."""
     arch = f.get_str("general.architecture", "")
     if arch not in SUPPORTED:
         shown = arch or "(missing general.architecture)"
         raise UserError(f"{f.what} '{f.path}': unsupported architecture '{shown}' (supported: {', '.join(SUPPORTED)})")
+    spec = ARCHS[arch]
     a = arch + "."
-    if "token_embd.weight" not in f.tensors:
-        raise UserError(f"{f.what} '{f.path}': missing tensor 'token_embd.weight'")
-    emb_shape = f.tensor_shape("token_embd.weight")
+    where = f"{f.what} '{f.path}'"
+    if weight(TOKEN_EMBD) not in f.tensors:
+        raise UserError(f"{where}: missing tensor '{weight(TOKEN_EMBD)}'")
+    emb_shape = f.tensor_shape(weight(TOKEN_EMBD))
     if len(emb_shape) != 2:
-        raise UserError(f"{f.what} '{f.path}': tensor 'token_embd.weight' should be 2-D, has shape {emb_shape}")
+        raise UserError(f"{where}: tensor '{weight(TOKEN_EMBD)}' should be 2-D, has shape {emb_shape}")
     n_vocab = emb_shape[0]
     n_embd = f.get_int(a + "embedding_length")
     n_head = f.get_int(a + "attention.head_count")
@@ -131,17 +194,23 @@ def read_hparams(f: GGUFFile, overrides: HParamOverrides | None = None) -> HPara
     n_layer = f.get_int(a + "block_count")
     n_ff = f.get_int(a + "feed_forward_length")
     n_ctx = f.get_int(a + "context_length", 2048)
-    for key, val in (("embedding_length", n_embd), ("attention.head_count", n_head),
-                     ("attention.head_count_kv", n_head_kv), ("block_count", n_layer),
-                     ("feed_forward_length", n_ff), ("context_length", n_ctx)):
-        if not 0 < val <= 1 << 24:
-            raise UserError(f"{f.what} '{f.path}': metadata '{a}{key}' = {val} is out of range")
-    if n_embd % n_head or n_head % n_head_kv:
-        raise UserError(f"{f.what} '{f.path}': n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv} do not divide evenly")
-    head_dim = n_embd // n_head
+    dims = [("embedding_length", n_embd), ("attention.head_count", n_head), ("attention.head_count_kv", n_head_kv),
+            ("block_count", n_layer), ("feed_forward_length", n_ff), ("context_length", n_ctx)]
+    key_len = f.get_int(a + "attention.key_length", 0)
+    val_len = f.get_int(a + "attention.value_length", key_len)
+    if key_len or f.has(a + "attention.value_length"):
+        dims += [("attention.key_length", key_len), ("attention.value_length", val_len)]
+    for key, val in dims:
+        if not 0 < val <= MAX_DIM:
+            raise UserError(f"{where}: metadata '{a}{key}' = {val} is out of range")
+    if key_len != val_len:
+        raise UserError(f"{where}: attention.key_length {key_len} and value_length {val_len} differ (not supported)")
+    if n_head % n_head_kv or (not key_len and n_embd % n_head):
+        raise UserError(f"{where}: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv} do not divide evenly")
+    head_dim = key_len or n_embd // n_head
     n_rot = f.get_int(a + "rope.dimension_count", head_dim)
     if not 0 < n_rot <= head_dim or n_rot % 2:
-        raise UserError(f"{f.what} '{f.path}': rope dimension count {n_rot} must be even and at most the head size {head_dim}")
+        raise UserError(f"{where}: rope dimension count {n_rot} must be even and at most the head size {head_dim}")
     freq_base = f.get_float(a + "rope.freq_base", 10000.0)
     freq_scale = 1.0
     scaling_type = f.get_str(a + "rope.scaling.type", "")
@@ -149,21 +218,37 @@ def read_hparams(f: GGUFFile, overrides: HParamOverrides | None = None) -> HPara
     if scaling_type in ("", "none", "linear"):
         factor = f.get_float(factor_key, 0.0)
         if not math.isfinite(factor):
-            raise UserError(f"{f.what} '{f.path}': metadata '{factor_key}' = {factor} is not a finite number")
+            raise UserError(f"{where}: metadata '{factor_key}' = {factor} is not a finite number")
         if factor > 0:
             freq_scale = 1.0 / factor
-    else:
-        raise UserError(f"{f.what} '{f.path}': rope scaling type '{scaling_type}' is not supported (supported: linear)")
+    elif scaling_type != "longrope":
+        raise UserError(f"{where}: rope scaling type '{scaling_type}' is not supported (supported: linear, longrope)")
     eps = f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5)
+    softcap = f.get_float(a + "final_logit_softcapping", 0.0)
+    mscale = f.get_float(a + "rope.scaling.attn_factor", 1.0)
+    swa_base = f.get_float(a + "rope.freq_base_swa", spec.swa_rope_base or 0.0)
     # a NaN, infinite or non-positive value here makes every loss NaN: refuse it at load, naming it
-    for key, val in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", freq_base)):
+    for key, val in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", freq_base),
+                     ("rope.scaling.attn_factor", mscale), ("rope.freq_base_swa", swa_base or 1.0)):
         if not (math.isfinite(val) and val > 0):
-            raise UserError(f"{f.what} '{f.path}': metadata '{a}{key}' = {val} is not a positive finite number")
+            raise UserError(f"{where}: metadata '{a}{key}' = {val} is not a positive finite number")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise UserError(f"{where}: metadata '{a}final_logit_softcapping' = {softcap} is not a finite number >= 0")
+    swa_window = f.get_int(a + "attention.sliding_window", 0) if spec.swa_used else 0
+    swa_pattern = f.get_int(a + "attention.sliding_window_pattern", spec.swa_pattern) if swa_window else 0
+    if not (0 <= swa_window <= MAX_DIM and 0 <= swa_pattern <= MAX_DIM):
+        raise UserError(f"{where}: sliding window {swa_window} / pattern {swa_pattern} out of range")
+    # LongRoPE (Phi-3 128k, Phi-4-mini): training contexts are short, so the short factors apply, as
+    # llama.cpp chooses them while n_ctx <= the original context (arch table: the first one present)
+    rope_factors = next((name for name in spec.rope_factors if weight(name) in f.tensors), "")
     hp = HParams(
         n_vocab=n_vocab, n_ctx_train=n_ctx, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer,
         n_head=n_head, n_head_kv=n_head_kv, n_rot=n_rot, rope_freq_base=freq_base,
-        rope_freq_scale=freq_scale, rms_eps=eps, tied_embeddings="output.weight" not in f.tensors,
-        arch=arch,
+        rope_freq_scale=freq_scale, rms_eps=eps, tied_embeddings=weight(OUTPUT) not in f.tensors,
+        arch=arch, head_dim=head_dim, swa_window=swa_window, swa_pattern=swa_pattern,
+        rope_base_local=swa_base or freq_base, rope_scale_local=1.0 if swa_base else freq_scale,
+        attn_scale=spec.attn_scale(n_embd, n_head, head_dim, n_layer), softcap=softcap, rope_factors=rope_factors,
+        rope_mscale=mscale,
     )
     if overrides is not None:
         hp = replace(
@@ -176,7 +261,7 @@ def read_hparams(f: GGUFFile, overrides: HParamOverrides | None = None) -> HPara
 
 
 def check_tensors(f: GGUFFile, hp: HParams) -> None:
-    """Every tensor of the llama graph exists, has the expected shape and a supported type."""
+    """Every tensor of the family's graph exists, has the expected shape and a supported type."""
     for name, shape in hp.shapes().items():
         got = f.tensor_shape(name)  # raises UserError when missing
         if got != shape:
@@ -185,7 +270,7 @@ def check_tensors(f: GGUFFile, hp: HParams) -> None:
 
 
 def first_nonfinite_tensor(f: GGUFFile, hp: HParams) -> str | None:
-    """The first tensor of the llama graph holding a NaN or infinity (dequantized one at a time, so
+    """The first tensor of the graph holding a NaN or infinity (dequantized one at a time, so
     memory stays at one tensor), or None.  Used to explain a NaN loss, not at every load."""
     for name in hp.shapes():
         t = f.tensor(name)
@@ -195,19 +280,9 @@ def first_nonfinite_tensor(f: GGUFFile, hp: HParams) -> str | None:
     return None
 
 
-@dataclass
-class LayerWeights:
-    """Float32 (or float64) base weights of one block; matrices are [n_out, n_in]."""
-
-    attn_norm: np.ndarray  # [C]
-    attn_q: np.ndarray  # [C, C]
-    attn_k: np.ndarray  # [Ckv, C]
-    attn_v: np.ndarray  # [Ckv, C]
-    attn_output: np.ndarray  # [C, C]
-    ffn_norm: np.ndarray  # [C]
-    ffn_gate: np.ndarray  # [F, C]
-    ffn_up: np.ndarray  # [F, C]
-    ffn_down: np.ndarray  # [C, F]
+# One block's float weights: {'attn_q': [Cq, C], 'attn_q.bias': [Cq], 'attn_norm': [C], ...}, the keys
+# of HParams.block_shapes(); matrices are [n_out, n_in].
+LayerWeights = dict
 
 
 def parse_size(text: str) -> int:
@@ -243,8 +318,8 @@ class Weights:
 
     ``cache_layers``: dequantize every layer once and keep it (fast) — chosen when the float
     cache fits ``budget`` bytes; otherwise each ``layer(i)`` call dequantizes into one reused
-    scratch set (the engine finishes with a block before it asks for the next).  The output head / tied embedding is kept as float32 when cached, else handled
-    in row chunks by :meth:`head_chunks`.
+    scratch set (the engine finishes with a block before it asks for the next).  The output head /
+    tied embedding is kept as float32 when cached, else handled in row chunks by :meth:`head_chunks`.
     """
 
     HEAD_CHUNK_ROWS = 4096  # vocabulary rows per head chunk, cached or not (same arithmetic); 9 MB as float32 for C = 576
@@ -257,10 +332,12 @@ class Weights:
         self._layers: list[LayerWeights] | None = None
         self._scratch: LayerWeights | None = None  # one reused set when streaming
         self._scratch_layer = -1
-        self._embd = f.tensor("token_embd.weight")
-        self._out = self._embd if hp.tied_embeddings else f.tensor("output.weight")
-        self.output_norm = self._dequant("output_norm.weight")
-        layer_bytes = sum(int(np.prod(s)) for n, s in hp.shapes().items() if n.startswith("blk.")) * self.dtype.itemsize
+        self._embd = f.tensor(weight(TOKEN_EMBD))
+        self._out = self._embd if hp.tied_embeddings else f.tensor(weight(OUTPUT))
+        self.output_norm = self._dequant(weight(OUTPUT_NORM))
+        self.rope_factors = self._dequant(weight(hp.rope_factors)) if hp.rope_factors else None
+        self._block = hp.block_shapes()
+        layer_bytes = sum(int(np.prod(s)) for s in self._block.values()) * hp.n_layer * self.dtype.itemsize
         head_bytes = hp.n_vocab * hp.n_embd * self.dtype.itemsize
         if budget is None:
             budget = default_budget()
@@ -289,10 +366,7 @@ class Weights:
         return self._dequant_tensor(self.f.tensor(name), out)
 
     def _load_layer(self, i: int, into: LayerWeights | None = None) -> LayerWeights:
-        p = f"blk.{i}."
-        names = LAYER_NORMS + LAYER_MATS
-        arrays = {n: self._dequant(p + n + ".weight", None if into is None else getattr(into, n)) for n in names}
-        return LayerWeights(**arrays)
+        return {n: self._dequant(block_tensor(n, i), None if into is None else into[n]) for n in self._block}
 
     def layer(self, i: int) -> LayerWeights:
         """Base weights of block ``i``; when streaming, valid until the next ``layer()`` call."""

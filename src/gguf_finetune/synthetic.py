@@ -1,7 +1,9 @@
-"""Random llama-shaped GGUF models of any size and tensor type (tests, benchmarks).
+"""Random GGUF models of any family in arch.ARCHS, any size and tensor type (tests, benchmarks).
 
-The vocabulary is a small SentencePiece-style one (control tokens, 256 byte tokens, then
-pieces from a fixed alphabet) so the file is a complete model that every command accepts.
+The tensors a block has come from the family's table (model.HParams.block_shapes), so every
+family's graph options appear: biases, q/k norms, post norms, fused tensors.  The vocabulary is a
+small SentencePiece-style one (control tokens, 256 byte tokens, then pieces from a fixed alphabet)
+so the file is a complete model that every command accepts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
+from .arch import ARCHS, OUTPUT, OUTPUT_NORM, TOKEN_EMBD, weight
 from .gguf_io import atomic_path
+from .model import HParams, block_tensor
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,12 @@ class SyntheticSpec:
     rms_eps: float = 1e-5
     seed: int = 0
     std: float = 0.1  # weight scale
+    arch: str = "llama"
+    head_dim: int | None = None  # attention.key_length/value_length (default n_embd / n_head, not written)
+    sliding_window: int = 0  # attention.sliding_window (families whose table has sliding-window layers)
+    swa_pattern: int | None = None  # attention.sliding_window_pattern (None: not written, the family's)
+    softcap: float = 0.0  # final_logit_softcapping (0: not written)
+    rope_factors: bool = False  # write a frequency-factor tensor (rope_freqs / rope_factors_short)
 
 
 def _vocab(n_vocab: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
@@ -54,19 +64,31 @@ def _vocab(n_vocab: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     return tokens, scores, np.array(types, dtype=np.int32)
 
 
+def spec_hparams(spec: SyntheticSpec) -> HParams:
+    """The hyper-parameters a model written from ``spec`` has."""
+    return HParams(n_vocab=spec.n_vocab, n_ctx_train=spec.n_ctx_train, n_embd=spec.n_embd, n_ff=spec.n_ff,
+                   n_layer=spec.n_layer, n_head=spec.n_head, n_head_kv=spec.n_head_kv,
+                   n_rot=spec.n_rot or spec.head_dim or spec.n_embd // spec.n_head, arch=spec.arch,
+                   head_dim=spec.head_dim or 0, tied_embeddings=spec.tied)
+
+
 def write_synthetic_model(path: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> str:
-    """Write a random llama GGUF model to ``path`` (atomically) and return the path."""
+    """Write a random model of ``spec.arch`` to ``path`` (atomically) and return the path."""
     if spec.n_vocab < 262:
         raise ValueError("n_vocab must be at least 262 (control + byte tokens)")
+    if spec.arch not in ARCHS:
+        raise ValueError(f"unknown architecture {spec.arch!r}")
     rng = np.random.default_rng(spec.seed)
-    C, F, V = spec.n_embd, spec.n_ff, spec.n_vocab
-    D = C // spec.n_head
-    Ckv = D * spec.n_head_kv
+    hp = spec_hparams(spec)
+    C, V = spec.n_embd, spec.n_vocab
     qt = GGMLQuantizationType[spec.qtype]
     tokens, scores, types = _vocab(V)
 
     def mat(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * spec.std).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     def add(w: GGUFWriter, name: str, arr: np.ndarray, qtype=None) -> None:
         qtype = qt if qtype is None else qtype
@@ -78,17 +100,26 @@ def write_synthetic_model(path: str | os.PathLike, spec: SyntheticSpec = Synthet
             w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
 
     with atomic_path(path) as tmp:
-        w = GGUFWriter(str(tmp), "llama")
-        w.add_name("synthetic-llama")
+        w = GGUFWriter(str(tmp), spec.arch)
+        w.add_name(f"synthetic-{spec.arch}")
         w.add_context_length(spec.n_ctx_train)
         w.add_embedding_length(C)
-        w.add_feed_forward_length(F)
+        w.add_feed_forward_length(spec.n_ff)
         w.add_block_count(spec.n_layer)
         w.add_head_count(spec.n_head)
         w.add_head_count_kv(spec.n_head_kv)
-        w.add_rope_dimension_count(spec.n_rot or D)
+        if spec.head_dim:
+            w.add_key_length(spec.head_dim)
+            w.add_value_length(spec.head_dim)
+        w.add_rope_dimension_count(hp.n_rot)
         w.add_rope_freq_base(spec.rope_freq_base)
         w.add_layer_norm_rms_eps(spec.rms_eps)
+        if spec.sliding_window:
+            w.add_sliding_window(spec.sliding_window)
+        if spec.swa_pattern is not None:
+            w.add_uint32(f"{spec.arch}.attention.sliding_window_pattern", spec.swa_pattern)
+        if spec.softcap:
+            w.add_float32(f"{spec.arch}.final_logit_softcapping", spec.softcap)
         w.add_vocab_size(V)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
@@ -100,21 +131,20 @@ def write_synthetic_model(path: str | os.PathLike, spec: SyntheticSpec = Synthet
         w.add_unk_token_id(0)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-        add(w, "token_embd.weight", mat(V, C))
-        add(w, "output_norm.weight", (1.0 + 0.1 * rng.standard_normal(C)).astype(np.float32))
+        add(w, weight(TOKEN_EMBD), mat(V, C))
+        add(w, weight(OUTPUT_NORM), norm(C))
         if not spec.tied:
-            add(w, "output.weight", mat(V, C))
-        for i in range(spec.n_layer):
-            p = f"blk.{i}."
-            add(w, p + "attn_norm.weight", (1.0 + 0.1 * rng.standard_normal(C)).astype(np.float32))
-            add(w, p + "attn_q.weight", mat(C, C))
-            add(w, p + "attn_k.weight", mat(Ckv, C))
-            add(w, p + "attn_v.weight", mat(Ckv, C))
-            add(w, p + "attn_output.weight", mat(C, C))
-            add(w, p + "ffn_norm.weight", (1.0 + 0.1 * rng.standard_normal(C)).astype(np.float32))
-            add(w, p + "ffn_gate.weight", mat(F, C))
-            add(w, p + "ffn_up.weight", mat(F, C))
-            add(w, p + "ffn_down.weight", mat(C, F))
+            add(w, weight(OUTPUT), mat(V, C))
+        for il in range(spec.n_layer):
+            for name, shape in hp.block_shapes().items():
+                if name.endswith(".bias"):
+                    arr = (rng.standard_normal(shape) * spec.std).astype(np.float32)
+                else:
+                    arr = norm(shape[0]) if len(shape) == 1 else mat(*shape)
+                add(w, block_tensor(name, il), arr)
+        if spec.rope_factors:
+            for name in ARCHS[spec.arch].rope_factors:
+                add(w, weight(name), rng.uniform(1.0, 4.0, hp.n_rot // 2).astype(np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -12,14 +12,35 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arch import (
+    ATTN_K,
+    ATTN_K_NORM,
+    ATTN_NORM,
+    ATTN_OUT,
+    ATTN_POST_NORM,
+    ATTN_Q,
+    ATTN_Q_NORM,
+    ATTN_QKV,
+    ATTN_V,
+    FFN_DOWN,
+    FFN_GATE,
+    FFN_NORM,
+    FFN_POST_NORM,
+    FFN_UP,
+    OUTPUT,
+    OUTPUT_NORM,
+    TOKEN_EMBD,
+    weight,
+)
 from ..lora import LoraParams
 from ..model import HParams
 from . import kernels as K
 from .forward import (
     LayerCache,
-    Rope,
+    Positions,
     _lora,
     embed_forward,
+    embed_scale,
     forward_hidden,
     head_logits,
     head_rows,
@@ -30,7 +51,8 @@ from .forward import (
 
 def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, lora, u, grads: LoraParams | None,
                     name: str) -> np.ndarray:
-    """Backward of y = x·Wᵀ + s·(x·a)·bᵀ: dy [N, n_out] -> dx [N, n_in]; da, db accumulate."""
+    """Backward of y = x·Wᵀ (+ bias) + s·(x·a)·bᵀ: dy [N, n_out] -> dx [N, n_in]; da, db accumulate.
+    (The bias is frozen: it has no gradient.)"""
     dx = dy @ W  # [N, n_in]
     if lora is None:
         return dx
@@ -50,40 +72,64 @@ def norm_backward(dg: np.ndarray, lora, grads: LoraParams | None, name: str) -> 
     grads.b[name][0] += s * (a.T @ dg)  # [r]
 
 
-def layer_backward(dout: np.ndarray, c: LayerCache, lw, il: int, hp: HParams, B: int, T: int, rope: Rope,
+def _gated_act_backward(hp: HParams, dhf: np.ndarray, g: np.ndarray, u: np.ndarray):
+    return K.geglu_backward(dhf, g, u) if hp.spec.act == "gelu_tanh" else K.swiglu_backward(dhf, g, u)
+
+
+def layer_backward(dout: np.ndarray, c: LayerCache, lw, il: int, hp: HParams, ps: Positions,
                    lora: LoraParams | None, grads: LoraParams | None, flash: bool) -> np.ndarray:
     """Backward of one block: dout [N, C] -> dx [N, C]; LoRA gradients accumulate in ``grads``."""
+    spec = hp.spec
     Hq, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    B, T = ps.B, ps.T
     N = B * T
-    p = f"blk.{il}."
-    n_q, n_k, n_v, n_o = (p + n + ".weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
-    n_g, n_u, n_d = (p + n + ".weight" for n in ("ffn_gate", "ffn_up", "ffn_down"))
-    # feed-forward: out = x2 + down(swiglu(gate(h2), up(h2)))
-    dhf = linear_backward(dout, c.hf, lw.ffn_down, _lora(lora, n_d), c.u_d, grads, n_d)  # [N, F]
-    dg, du = K.swiglu_backward(dhf, c.g, c.u)  # [N, F] each
-    dh2 = linear_backward(dg, c.h2, lw.ffn_gate, _lora(lora, n_g), c.u_g, grads, n_g)  # [N, C]
-    dh2 += linear_backward(du, c.h2, lw.ffn_up, _lora(lora, n_u), c.u_u, grads, n_u)
-    l_ffn = _lora(lora, p + "ffn_norm.weight")
-    dx2, dg_ffn = K.rmsnorm_backward(dh2, c.x2, c.g_ffn, c.rstd2, l_ffn is not None)  # [N, C], [C] or None
-    norm_backward(dg_ffn, l_ffn, grads, p + "ffn_norm.weight")
-    dx2 += dout
-    # attention: x2 = x + wo(attention(rope(wq h1), rope(wk h1), wv h1))
-    da = linear_backward(dx2, c.a, lw.attn_output, _lora(lora, n_o), c.u_o, grads, n_o)  # [N, C]
-    datt = K.to_heads(da.reshape(B, T, Hq, D))  # [B, Hq, T, D]
-    scale = 1.0 / np.sqrt(D)
-    if flash:
-        dqh, dkh, dvh = K.flash_attention_backward(datt, c.qh, c.kh, c.vh, c.att, c.att_cache, scale)
+
+    def lin(dy, x, base):
+        name = weight(base, il)
+        return linear_backward(dy, x, lw[base], _lora(lora, name), c.us[base], grads, name)
+
+    # feed-forward: out = x2 + [post_ffw_norm](down(act(gate(h2)) · up(h2)))
+    dd = dout
+    if spec.post_norms:
+        dd, _ = K.rmsnorm_backward(dout, c.d, lw[FFN_POST_NORM], c.rstd_d, False)  # the norm weight is frozen
+    dhf = lin(dd, c.hf, FFN_DOWN)  # [N, F]
+    dg, du = _gated_act_backward(hp, dhf, c.g, c.u)  # [N, F] each
+    if spec.fused_up:
+        dh2 = lin(np.concatenate([dg, du], axis=1), c.h2, FFN_UP)  # [N, C]
     else:
-        dqh, dkh, dvh = K.attention_backward(datt, c.qh, c.kh, c.vh, c.att_cache, scale)
-    dq = K.rope_backward(dqh, rope.cos, rope.sin, rope.n_rot).reshape(N, Hq * D)  # [N, Hq*D]
-    dk = K.rope_backward(dkh, rope.cos, rope.sin, rope.n_rot).reshape(N, Hkv * D)  # [N, Hkv*D]
-    dv = K.from_heads(dvh).reshape(N, Hkv * D)  # [N, Hkv*D]
-    dh1 = linear_backward(dq, c.h1, lw.attn_q, _lora(lora, n_q), c.u_q, grads, n_q)  # [N, C]
-    dh1 += linear_backward(dk, c.h1, lw.attn_k, _lora(lora, n_k), c.u_k, grads, n_k)
-    dh1 += linear_backward(dv, c.h1, lw.attn_v, _lora(lora, n_v), c.u_v, grads, n_v)
-    l_att = _lora(lora, p + "attn_norm.weight")
+        dh2 = lin(dg, c.h2, FFN_GATE)
+        dh2 += lin(du, c.h2, FFN_UP)
+    l_ffn = _lora(lora, weight(FFN_NORM, il))
+    dx2, dg_ffn = K.rmsnorm_backward(dh2, c.x2, c.g_ffn, c.rstd2, l_ffn is not None)  # [N, C], [C] or None
+    norm_backward(dg_ffn, l_ffn, grads, weight(FFN_NORM, il))
+    dx2 += dout
+    # attention: x2 = x + [post_attention_norm](wo(attention(rope(q), rope(k), v)))
+    do = dx2
+    if spec.post_norms:
+        do, _ = K.rmsnorm_backward(dx2, c.o, lw[ATTN_POST_NORM], c.rstd_o, False)
+    da = lin(do, c.a, ATTN_OUT)  # [N, Cq]
+    datt = K.to_heads(da.reshape(B, T, Hq, D))  # [B, Hq, T, D]
+    lo = ps.lo(hp, il)
+    if flash:
+        dqh, dkh, dvh = K.flash_attention_backward(datt, c.qh, c.kh, c.vh, c.att, c.att_cache, hp.attn_scale, lo=lo)
+    else:
+        dqh, dkh, dvh = K.attention_backward(datt, c.qh, c.kh, c.vh, c.att_cache, hp.attn_scale, lo=lo)
+    rope = ps.rope(hp, il)
+    dq = rope.backward(dqh).reshape(N, Hq * D)  # [N, Cq]
+    dk = rope.backward(dkh).reshape(N, Hkv * D)  # [N, Ckv]
+    dv = K.from_heads(dvh).reshape(N, Hkv * D)  # [N, Ckv]
+    if spec.qk_norm:
+        dq = K.rmsnorm_backward(dq.reshape(-1, D), c.q_raw, lw[ATTN_Q_NORM], c.rstd_q, False)[0].reshape(N, -1)
+        dk = K.rmsnorm_backward(dk.reshape(-1, D), c.k_raw, lw[ATTN_K_NORM], c.rstd_k, False)[0].reshape(N, -1)
+    if spec.fused_qkv:
+        dh1 = lin(np.concatenate([dq, dk, dv], axis=1), c.h1, ATTN_QKV)  # [N, C]
+    else:
+        dh1 = lin(dq, c.h1, ATTN_Q)
+        dh1 += lin(dk, c.h1, ATTN_K)
+        dh1 += lin(dv, c.h1, ATTN_V)
+    l_att = _lora(lora, weight(ATTN_NORM, il))
     dx, dg_att = K.rmsnorm_backward(dh1, c.x, c.g_att, c.rstd1, l_att is not None)  # [N, C], [C] or None
-    norm_backward(dg_att, l_att, grads, p + "attn_norm.weight")
+    norm_backward(dg_att, l_att, grads, weight(ATTN_NORM, il))
     dx += dx2
     return dx
 
@@ -94,11 +140,12 @@ def head_loss_backward(weights, hn: np.ndarray, targets: np.ndarray, mask: np.nd
 
     hn [N, C] -> (nll [N] float64, dhn [N, C]); the output adapter's gradients accumulate.
     The logits of a chunk are overwritten in place by their gradient, so no second [n, V] array
-    exists; chunks bound the memory to ``head_rows`` rows of logits.
+    exists; chunks bound the memory to ``head_rows`` rows of logits.  With soft-capping
+    (l' = c·tanh(l/c)) the gradient is multiplied by 1 − (l'/c)².
     """
     N, C = hn.shape
-    V = weights.hp.n_vocab
-    la = _lora(lora, "output.weight")
+    la = _lora(lora, weight(OUTPUT))
+    softcap = weights.hp.softcap
     nll = np.empty(N, dtype=np.float64)
     dhn = np.empty_like(hn)
     rows = head_rows(weights, N, hn.dtype.itemsize)
@@ -106,29 +153,36 @@ def head_loss_backward(weights, hn: np.ndarray, targets: np.ndarray, mask: np.nd
         n1 = min(N, n0 + rows)
         h = hn[n0:n1]  # [n, C]
         logits, u = head_logits(weights, h, lora)  # [n, V], [n, r]
+        t = logits / softcap if softcap else None  # tanh(l/c) of the capped logits
         nll[n0:n1] = K.xent_forward_backward(logits, targets[n0:n1], mask[n0:n1], inv_norm)  # logits := dlogits
         dl = logits
+        if t is not None:
+            dl *= 1 - t * t
         dh = dhn[n0:n1]
         dh[...] = 0
         for r0, r1, Wc in weights.head_chunks():
             dh += dl[:, r0:r1] @ Wc  # [n, C]
         if la is not None:
             a, b, s = la
-            dlb = K.lora_wide_backward(dl, u, b, s, grads.b["output.weight"])  # dl·b [n, r]; db += s·dlᵀ·u
-            grads.a["output.weight"] += s * (h.T @ dlb)  # [C, r]
+            dlb = K.lora_wide_backward(dl, u, b, s, grads.b[weight(OUTPUT)])  # dl·b [n, r]; db += s·dlᵀ·u
+            grads.a[weight(OUTPUT)] += s * (h.T @ dlb)  # [C, r]
             K.lora_add(dh, dlb * s, a)
     return nll, dhn
 
 
-def embed_backward(dx: np.ndarray, tokens: np.ndarray, lora: LoraParams | None, grads: LoraParams | None) -> None:
-    """Token-embedding adapter: e = W[tok] + s·b[tok]·aᵀ; db rows scatter-add, da dense."""
-    la = _lora(lora, "token_embd.weight")
+def embed_backward(dx: np.ndarray, tokens: np.ndarray, weights, lora: LoraParams | None,
+                   grads: LoraParams | None) -> None:
+    """Token-embedding adapter: e = (W[tok] + s·b[tok]·aᵀ)·scale; db rows scatter-add, da dense."""
+    la = _lora(lora, weight(TOKEN_EMBD))
     if la is None:
         return
+    scale = embed_scale(weights.hp, dx.dtype)
+    if scale is not None:
+        dx = dx * scale
     a, b, s = la
     ids = tokens.reshape(-1)
-    K.embedding_scatter_add(grads.b["token_embd.weight"], ids, (dx @ a) * s)  # [N, r] into [V, r]
-    grads.a["token_embd.weight"] += s * (dx.T @ b[ids])  # [C, r]
+    K.embedding_scatter_add(grads.b[weight(TOKEN_EMBD)], ids, (dx @ a) * s)  # [N, r] into [V, r]
+    grads.a[weight(TOKEN_EMBD)] += s * (dx.T @ b[ids])  # [C, r]
 
 
 def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraParams | None,
@@ -142,18 +196,18 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     dtype = weights.dtype
     if grads is None:
         return eval_loss(weights, hp, lora, tokens, targets, mask, inv_norm, flash)
-    rope = Rope.make(hp, T, dtype)
+    ps = Positions.make(hp, weights, B, T)
     x = embed_forward(weights, tokens, lora)  # [N, C]
     saved: list = []
     for il in range(hp.n_layer):
         lw = weights.layer(il)
         if checkpointing and il < hp.n_layer - 1:
             saved.append(x)
-            x, _ = layer_forward(x, lw, il, hp, B, T, rope, lora, flash, keep_cache=False)
+            x, _ = layer_forward(x, lw, il, hp, ps, lora, flash, keep_cache=False)
         else:  # (the last block's cache is used right after the head: kept, not recomputed)
-            x, cache = layer_forward(x, lw, il, hp, B, T, rope, lora, flash, keep_cache=True)
+            x, cache = layer_forward(x, lw, il, hp, ps, lora, flash, keep_cache=True)
             saved.append(cache)
-    name_on = "output_norm.weight"
+    name_on = weight(OUTPUT_NORM)
     g_out = norm_weight(weights.output_norm, _lora(lora, name_on))
     hn, rstd = K.rmsnorm_forward(x, g_out, hp.rms_eps)  # [N, C]
     m = np.ascontiguousarray(mask.reshape(-1), dtype=dtype)
@@ -166,13 +220,13 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     for il in reversed(range(hp.n_layer)):
         lw = weights.layer(il)
         if checkpointing and il < hp.n_layer - 1:
-            _, cache = layer_forward(saved[il], lw, il, hp, B, T, rope, lora, flash, keep_cache=True,
+            _, cache = layer_forward(saved[il], lw, il, hp, ps, lora, flash, keep_cache=True,
                                      need_out=False)  # the block's output is not needed again
         else:
             cache = saved[il]
         saved[il] = None  # free as we go
-        dx = layer_backward(dx, cache, lw, il, hp, B, T, rope, lora, grads, flash)
-    embed_backward(dx, tokens, lora, grads)
+        dx = layer_backward(dx, cache, lw, il, hp, ps, lora, grads, flash)
+    embed_backward(dx, tokens, weights, lora, grads)
     return loss
 
 

@@ -34,11 +34,35 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from ..arch import (
+    ATTN_K_NORM,
+    ATTN_NORM,
+    ATTN_OUT,
+    ATTN_POST_NORM,
+    ATTN_Q_NORM,
+    FFN_DOWN,
+    FFN_NORM,
+    FFN_POST_NORM,
+    OUTPUT,
+    OUTPUT_NORM,
+    ROPE_NEOX,
+    TOKEN_EMBD,
+    weight,
+)
 from ..errors import UserError
 from ..lora import LoraParams
-from ..model import LAYER_MATS, HParams
+from ..model import HParams, block_tensor
 from . import kernels as K
-from .forward import embed_forward, head_logits, linear_forward, norm_weight
+from .forward import (
+    embed_forward,
+    gate_up_forward,
+    gated_act,
+    head_logits,
+    head_norm,
+    linear_forward,
+    norm_weight,
+    qkv_forward,
+)
 from .qmatvec import QuantMatrix
 from .qmatvec import supported as qmv_supported
 
@@ -65,31 +89,34 @@ def _numba_threads(n: int):
 # -- attention of new queries over the cache ------------------------------------------------------
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _attend_cached(q, kT, v, p0, scale, out):  # pragma: no cover - compiled
+def _attend_cached(q, kT, v, p0, window, scale, out):  # pragma: no cover - compiled
     # q [Hq, T, D] (query i at position p0 + i), kT [Hkv, D, T_max], v [Hkv, T_max, D]
-    # -> out [Hq, T, D]; query i sees keys 0..p0+i, through kernels._attend_row (the flash forward's row):
-    # scores accumulated over d in order, scaled, max, exp and Σ (float64), Σ_j p_j v_j four keys
-    # per pass, divided by Σ.  prange over (head, row): each item writes only its own row.
+    # -> out [Hq, T, D]; query i sees keys j0..p0+i (j0 = 0, or the last ``window`` keys when > 0),
+    # through kernels._attend_row (the flash forward's row): scores accumulated over d in order,
+    # scaled, max, exp and Σ (float64), Σ_j p_j v_j four keys per pass, divided by Σ.  prange over
+    # (head, row): each item writes only its own row.
     Hq, T, D = q.shape
     G = Hq // kT.shape[0]
     for item in prange(Hq * T):
         h = item // T
         i = item % T
-        n = p0 + i + 1
+        j0 = max(0, p0 + i + 1 - window) if window > 0 else 0
+        n = p0 + i + 1 - j0
         kh = kT[h // G]
         vh = v[h // G]
         s = np.empty(n, dtype=q.dtype)
         acc = np.empty(D, dtype=q.dtype)
-        _, tot = K._attend_row(q[h], i, kh, vh, n, scale, s, acc)
+        _, tot = K._attend_row(q[h], i, kh, vh, j0, n, scale, s, acc)
         for d in range(D):
             out[h, i, d] = acc[d] / tot
 
 
-def attend_cached(q: np.ndarray, kT: np.ndarray, v: np.ndarray, p0: int, scale: float) -> np.ndarray:
+def attend_cached(q: np.ndarray, kT: np.ndarray, v: np.ndarray, p0: int, scale: float,
+                  window: int = 0) -> np.ndarray:
     """q [Hq, T, D] at positions p0.., kT [Hkv, D, T_max], v [Hkv, T_max, D] -> out [Hq, T, D].
 
     Causal attention of T new queries over the cached keys/values 0..p0+T-1 (GQA: query head h
-    reads KV head h // (Hq // Hkv)).
+    reads KV head h // (Hq // Hkv)); with ``window`` > 0 a query sees only the last ``window`` keys.
     """
     q = np.ascontiguousarray(q)
     Hq, T, D = q.shape
@@ -99,11 +126,11 @@ def attend_cached(q: np.ndarray, kT: np.ndarray, v: np.ndarray, p0: int, scale: 
     if kT.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("attend_cached: q, kT and v must have the same dtype")
     out = np.empty_like(q)
-    _attend_cached(q, kT, v, int(p0), q.dtype.type(scale), out)
+    _attend_cached(q, kT, v, int(p0), int(window), q.dtype.type(scale), out)
     return out
 
 
-def attend_cached_ref(q, kT, v, p0: int, scale: float) -> np.ndarray:
+def attend_cached_ref(q, kT, v, p0: int, scale: float, window: int = 0) -> np.ndarray:
     """Slow, obviously-correct numpy version of :func:`attend_cached` (float64 softmax)."""
     Hq, T, _ = q.shape
     G = Hq // kT.shape[0]
@@ -111,9 +138,10 @@ def attend_cached_ref(q, kT, v, p0: int, scale: float) -> np.ndarray:
     for h in range(Hq):
         for i in range(T):
             n = p0 + i + 1
-            s = (q[h, i].astype(np.float64) @ kT[h // G][:, :n].astype(np.float64)) * scale
+            j0 = max(0, n - window) if window > 0 else 0
+            s = (q[h, i].astype(np.float64) @ kT[h // G][:, j0:n].astype(np.float64)) * scale
             p = np.exp(s - s.max())
-            out[h, i] = (p @ v[h // G][:n].astype(np.float64)) / p.sum()
+            out[h, i] = (p @ v[h // G][j0:n].astype(np.float64)) / p.sum()
     return out
 
 
@@ -162,15 +190,20 @@ class Decoder:
         self.dtype = weights.dtype
         self.n_batch = int(n_batch)
         self.cache = KVCache.empty(hp, n_ctx, self.dtype)
-        self.cos, self.sin = K.rope_cache(np.arange(n_ctx, dtype=np.int64), hp.n_rot, hp.rope_freq_base,
-                                          hp.rope_freq_scale, self.dtype)  # [T_max, n_rot/2]
-        self.scale = 1.0 / np.sqrt(hp.head_dim)
+        # RoPE tables [n_ctx, n_rot/2] per (base, scale) the layers use
+        self._ropes = {}
+        for il in range(hp.n_layer):
+            key = hp.rope_of(il)
+            if key not in self._ropes:
+                self._ropes[key] = K.rope_cache(np.arange(n_ctx, dtype=np.int64), hp.n_rot, key[0], key[1], self.dtype,
+                                                weights.rope_factors, hp.rope_mscale)
+        self._neox = hp.spec.rope == ROPE_NEOX
         # effective norm weights (with norm adapters folded in) do not change between tokens
-        self._g_att = [norm_weight(weights.layer(i).attn_norm, _lora(lora, f"blk.{i}.attn_norm.weight"))
+        self._g_att = [norm_weight(weights.layer(i)[ATTN_NORM], _lora(lora, weight(ATTN_NORM, i)))
                        for i in range(hp.n_layer)] if weights.cache_layers else None
-        self._g_ffn = [norm_weight(weights.layer(i).ffn_norm, _lora(lora, f"blk.{i}.ffn_norm.weight"))
+        self._g_ffn = [norm_weight(weights.layer(i)[FFN_NORM], _lora(lora, weight(FFN_NORM, i)))
                        for i in range(hp.n_layer)] if weights.cache_layers else None
-        self._g_out = norm_weight(weights.output_norm, _lora(lora, "output_norm.weight"))
+        self._g_out = norm_weight(weights.output_norm, _lora(lora, weight(OUTPUT_NORM)))
         # quantized decode: every matrix (and the head) must have a kernel; None = automatic
         self._qmats, self._qhead = None, None
         self._threads = 1  # the caller's numba thread count, for big matrices in short passes
@@ -185,9 +218,6 @@ class Decoder:
     def for_model(cls, model, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH,
                   quantized: bool | None = None) -> "Decoder":
         return cls(model.weights, model.hparams, model.lora, n_ctx, n_batch, quantized)
-
-    def _linear_q(self, x: np.ndarray, W: QuantMatrix, lora) -> np.ndarray:
-        return _linear_q(x, W, lora, self._threads)
 
     @property
     def quantized(self) -> bool:
@@ -239,7 +269,10 @@ class Decoder:
             if r0 < b1:
                 hn, _ = K.rmsnorm_forward(x[r0 - b0:], self._g_out, self.hp.rms_eps)
                 if self._qhead is not None and hn.shape[0] <= QUANT_MAX_T:
-                    out[r0 - first:b1 - first] = self._linear_q(hn, self._qhead, _lora(self.lora, "output.weight"))
+                    y = linear_forward(hn, _Threaded(self._qhead, self._threads), _lora(self.lora, weight(OUTPUT)))[0]
+                    if self.hp.softcap:
+                        y = self.hp.softcap * np.tanh(y / self.hp.softcap)
+                    out[r0 - first:b1 - first] = y
                 else:
                     out[r0 - first:b1 - first], _ = head_logits(self.weights, hn, self.lora)
         return out
@@ -248,88 +281,92 @@ class Decoder:
         """Run the blocks over ids [T] at positions n_past..; fills the cache; -> x [T, C]."""
         hp, lora = self.hp, self.lora
         p0, T = self.cache.n_past, ids.shape[0]
-        cos, sin = self.cos[p0:p0 + T], self.sin[p0:p0 + T]
         x = embed_forward(self.weights, ids[None, :], lora)  # [T, C]
         quant = self._qmats is not None and T <= QUANT_MAX_T
         for il in range(hp.n_layer):
-            lw = self._qmats[il] if quant else self.weights.layer(il)
-            x = self._block(x, lw, il, p0, cos, sin)
+            if quant:
+                lw = {n: _Threaded(w, self._threads) if isinstance(w, QuantMatrix) else w
+                      for n, w in self._qmats[il].items()}
+            else:
+                lw = self.weights.layer(il)
+            x = self._block(x, lw, il, p0)
         self.cache.n_past = p0 + T
         return x
 
-    def _block(self, x: np.ndarray, lw, il: int, p0: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """One transformer block over x [T, C] at positions p0..p0+T-1 -> [T, C].
+    def _block(self, x: np.ndarray, lw, il: int, p0: int) -> np.ndarray:
+        """One transformer block over x [T, C] at positions p0..p0+T-1 -> [T, C]: the training
+        forward's steps (engine/forward.py) with attention over the cache.
 
-        ``lw``: the block's float :class:`LayerWeights`, or its quantized matrices (a dict of
-        :class:`QuantMatrix` plus the two norm weights).
+        ``lw``: the block's float weights, or its matrices as quantized blocks (anything with
+        ``matmul``) next to float norms and biases.
         """
-        hp, lora = self.hp, self.lora
+        hp, lora, spec = self.hp, self.lora, self.hp.spec
         T, (Hq, Hkv, D, eps) = x.shape[0], (hp.n_head, hp.n_head_kv, hp.head_dim, hp.rms_eps)
-        p = f"blk.{il}."
-        if isinstance(lw, dict):
-            def lin(h, name):
-                return self._linear_q(h, lw[name], _lora(lora, p + name + ".weight"))
-            attn_norm, ffn_norm = lw["attn_norm"], lw["ffn_norm"]
-        else:
-            def lin(h, name):
-                return linear_forward(h, getattr(lw, name), _lora(lora, p + name + ".weight"))[0]
-            attn_norm, ffn_norm = lw.attn_norm, lw.ffn_norm
-        g_att = self._g_att[il] if self._g_att is not None else norm_weight(attn_norm, _lora(lora, p + "attn_norm.weight"))
+        us: dict = {}
+        g_att = self._g_att[il] if self._g_att is not None else \
+            norm_weight(lw[ATTN_NORM], _lora(lora, weight(ATTN_NORM, il)))
         h1, _ = K.rmsnorm_forward(x, g_att, eps)  # [T, C]
-        q = lin(h1, "attn_q")  # [T, Hq*D]
-        k = lin(h1, "attn_k")  # [T, Hkv*D]
-        v = lin(h1, "attn_v")  # [T, Hkv*D]
-        qh = K.rope_forward(q.reshape(1, T, Hq, D), cos, sin, hp.n_rot)[0]  # [Hq, T, D]
-        kh = K.rope_forward(k.reshape(1, T, Hkv, D), cos, sin, hp.n_rot)[0]  # [Hkv, T, D]
+        q, k, v = qkv_forward(h1, lw, il, hp, lora, us)  # [T, Cq], [T, Ckv], [T, Ckv]
+        if spec.qk_norm:
+            q = head_norm(q, lw[ATTN_Q_NORM], eps)[0]
+            k = head_norm(k, lw[ATTN_K_NORM], eps)[0]
+        cos, sin = self._ropes[hp.rope_of(il)]
+        cos, sin = cos[p0:p0 + T], sin[p0:p0 + T]
+        qh = K.rope_forward(q.reshape(1, T, Hq, D), cos, sin, hp.n_rot, neox=self._neox)[0]  # [Hq, T, D]
+        kh = K.rope_forward(k.reshape(1, T, Hkv, D), cos, sin, hp.n_rot, neox=self._neox)[0]  # [Hkv, T, D]
         kc, vc = self.cache.k[il], self.cache.v[il]  # [Hkv, D, T_max], [Hkv, T_max, D]
         kc[:, :, p0:p0 + T] = kh.transpose(0, 2, 1)
         vc[:, p0:p0 + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
-        att = attend_cached(qh, kc, vc, p0, self.scale)  # [Hq, T, D]
-        a = np.ascontiguousarray(att.transpose(1, 0, 2)).reshape(T, Hq * D)  # [T, C]
-        o = lin(a, "attn_output")  # [T, C]
+        window = hp.swa_window if hp.is_local(il) else 0
+        att = attend_cached(qh, kc, vc, p0, hp.attn_scale, window)  # [Hq, T, D]
+        a = np.ascontiguousarray(att.transpose(1, 0, 2)).reshape(T, Hq * D)  # [T, Cq]
+        o = linear_forward(a, lw[ATTN_OUT], _lora(lora, weight(ATTN_OUT, il)), lw.get(ATTN_OUT + ".bias"))[0]
+        if spec.post_norms:
+            o, _ = K.rmsnorm_forward(o, lw[ATTN_POST_NORM], eps)
         x2 = x + o
-        g_ffn = self._g_ffn[il] if self._g_ffn is not None else norm_weight(ffn_norm, _lora(lora, p + "ffn_norm.weight"))
+        g_ffn = self._g_ffn[il] if self._g_ffn is not None else \
+            norm_weight(lw[FFN_NORM], _lora(lora, weight(FFN_NORM, il)))
         h2, _ = K.rmsnorm_forward(x2, g_ffn, eps)  # [T, C]
-        g = lin(h2, "ffn_gate")  # [T, F]
-        u = lin(h2, "ffn_up")  # [T, F]
-        hf = K.swiglu_forward(g, u)  # [T, F]
-        d = lin(hf, "ffn_down")  # [T, C]
+        g, u = gate_up_forward(h2, lw, il, hp, lora, us)  # [T, F] each
+        hf = gated_act(hp, g, u)  # [T, F]
+        d = linear_forward(hf, lw[FFN_DOWN], _lora(lora, weight(FFN_DOWN, il)))[0]  # [T, C]
+        if spec.post_norms:
+            d, _ = K.rmsnorm_forward(d, lw[FFN_POST_NORM], eps)
         x2 += d
         return x2
 
 
-def _linear_q(x: np.ndarray, W: QuantMatrix, lora, threads: int = 1) -> np.ndarray:
-    """x [T, n_in] · W [n_out, n_in]ᵀ from quantized blocks (+ s·(x·a)·bᵀ) -> [T, n_out].
+class _Threaded:
+    """A quantized matrix whose products use every thread when it is big (``PARALLEL_MIN_WEIGHTS``),
+    else the calling thread (a decode step's small products cost less than waking the workers)."""
 
-    Runs on the calling thread unless W has at least ``PARALLEL_MIN_WEIGHTS`` weights.
-    """
-    if threads > 1 and W.shape[0] * W.shape[1] >= PARALLEL_MIN_WEIGHTS:
-        with _numba_threads(threads):
-            y = W.matmul(x)
-    else:
-        y = W.matmul(x)
-    if lora is not None:
-        a, b, s = lora
-        K.lora_forward(x, a, b, s, y)
-    return y
+    def __init__(self, W: QuantMatrix, threads: int):
+        self.W, self.threads = W, threads
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        if self.threads > 1 and self.W.shape[0] * self.W.shape[1] >= PARALLEL_MIN_WEIGHTS:
+            with _numba_threads(self.threads):
+                return self.W.matmul(x)
+        return self.W.matmul(x)
 
 
 def _quant_matrices(weights, hp: HParams):
-    """Per layer {name: QuantMatrix, attn_norm, ffn_norm} and the head, or None when a matrix's
-    type has no matvec kernel (then decoding uses the float path throughout)."""
+    """Per layer {name: QuantMatrix for the matrices, float copies of norms and biases} and the
+    head, or None when a matrix's type has no matvec kernel (then decoding uses the float path)."""
     f = weights.f
-    head = f.tensor("token_embd.weight" if hp.tied_embeddings else "output.weight")
+    head = f.tensor(weight(TOKEN_EMBD) if hp.tied_embeddings else weight(OUTPUT))
     if not qmv_supported(head.tensor_type):
         return None
+    shapes = hp.block_shapes()
     layers = []
     for il in range(hp.n_layer):
-        ts = {n: f.tensor(f"blk.{il}.{n}.weight") for n in LAYER_MATS}
+        ts = {n: f.tensor(block_tensor(n, il)) for n, shape in shapes.items() if len(shape) == 2}
         if not all(qmv_supported(t.tensor_type) for t in ts.values()):
             return None
         lw = weights.layer(il)
         keep = (lambda arr: arr) if weights.cache_layers else np.array  # streamed layers share one scratch
         d = {n: QuantMatrix.from_tensor(t) for n, t in ts.items()}
-        d["attn_norm"], d["ffn_norm"] = keep(lw.attn_norm), keep(lw.ffn_norm)
+        d.update({n: keep(lw[n]) for n, shape in shapes.items() if len(shape) == 1})
         layers.append(d)
     return layers, QuantMatrix.from_tensor(head)
 

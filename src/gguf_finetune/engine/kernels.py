@@ -34,9 +34,9 @@ from numba.extending import intrinsic, overload
 __all__ = [
     "rmsnorm_forward", "rmsnorm_backward",
     "rope_cache", "rope_forward", "rope_backward", "to_heads", "from_heads",
-    "swiglu_forward", "swiglu_backward",
+    "swiglu_forward", "swiglu_backward", "geglu_forward", "geglu_backward",
     "attention_forward", "attention_backward",
-    "flash_attention_forward", "flash_attention_backward",
+    "flash_attention_forward", "flash_attention_backward", "key_starts",
     "xent_forward_backward", "xent_forward",
     "embedding_scatter_add",
 ]
@@ -298,21 +298,22 @@ def rmsnorm_backward(dout, x, w, rstd, need_dw: bool = True):
     return dx, dw
 
 
-# == 2. RoPE (GGML_ROPE_TYPE_NORM: adjacent pairs) and head-major transposes ======================
+# == 2. RoPE (normal: adjacent pairs; NeoX: pairs i, i + n_rot/2) and head-major transposes ======
 
 @njit(cache=True, fastmath=False)
-def _rope_tables(pos, half, theta_scale, freq_scale, zero, cos, sin):  # pragma: no cover - compiled
-    # pos [T] int; theta_scale, freq_scale: float32; zero: 0 of the output dtype
-    # -> cos, sin [T, half].  As ggml_rope_cache_init: theta starts at float(p) and is multiplied
-    # by theta_scale once per pair, in float32; theta·freq_scale (float32) goes into cos/sin,
-    # evaluated in the output dtype (libm cosf/sinf for float32).
-    T = pos.shape[0]
-    for t in range(T):
+def _rope_tables(pos, half, theta_scale, freq_scale, ff, mscale, zero, cos, sin):  # pragma: no cover - compiled
+    # pos [P] int; theta_scale, freq_scale, mscale: float32; ff [half] float32 frequency factors;
+    # zero: 0 of the output dtype -> cos, sin [P, half].  As ggml_rope_cache_init with ext_factor 0:
+    # theta starts at float(p) and is multiplied by theta_scale once per pair, in float32;
+    # freq_scale·(theta / ff_i) (float32) goes into cos/sin, evaluated in the output dtype (libm
+    # cosf/sinf for float32), then times mscale (the attention factor).
+    P = pos.shape[0]
+    for t in range(P):
         theta = np.float32(pos[t])
         for i in range(half):
-            th = zero + freq_scale * theta
-            cos[t, i] = np.cos(th)
-            sin[t, i] = np.sin(th)
+            th = zero + freq_scale * (theta / ff[i])
+            cos[t, i] = np.cos(th) * mscale
+            sin[t, i] = np.sin(th) * mscale
             theta = theta * theta_scale
 
 
@@ -321,94 +322,130 @@ def _powf(a, b):  # pragma: no cover - compiled; float32 in, libm powf
     return np.power(a, b)
 
 
-def rope_cache(pos, n_rot: int, freq_base: float, freq_scale: float, dtype=np.float32):
-    """pos [T] int -> (cos [T, n_rot//2], sin [T, n_rot//2]) for ggml's rope with ext_factor 0.
+def rope_cache(pos, n_rot: int, freq_base: float, freq_scale: float, dtype=np.float32, freq_factors=None,
+               mscale: float = 1.0):
+    """pos [T] (or [B, T]) int -> (cos, sin) [T, n_rot//2] (or [B, T, n_rot//2]) for ggml's rope with
+    ext_factor 0.
 
-    theta_i(p) = freq_scale · p · freq_base^(-2i/n_rot), built as ggml does in float32
-    (theta_scale = powf(base, -2/n_rot), theta *= theta_scale); cos/sin in ``dtype``.
+    theta_i(p) = freq_scale · p · freq_base^(-2i/n_rot) / freq_factors[i], built as ggml does in
+    float32 (theta_scale = powf(base, -2/n_rot), theta *= theta_scale); cos/sin in ``dtype``, times
+    ``mscale``.  A table row per position, so rows of a batch may restart their positions (packing).
     """
     if n_rot <= 0 or n_rot % 2:
         raise ValueError(f"n_rot must be a positive even number, got {n_rot}")
     pos = np.ascontiguousarray(pos, dtype=np.int64)
-    if pos.ndim != 1:
-        raise ValueError(f"pos must be 1-D, got shape {pos.shape}")
+    if pos.ndim not in (1, 2):
+        raise ValueError(f"pos must be 1-D or 2-D, got shape {pos.shape}")
     dtype = np.dtype(dtype)
     if dtype not in _FLOATS:
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     f32 = np.float32
     theta_scale = f32(_powf(f32(freq_base), f32(-2.0) / f32(n_rot)))
     half = n_rot // 2
-    cos = np.empty((pos.shape[0], half), dtype=dtype)
-    sin = np.empty((pos.shape[0], half), dtype=dtype)
-    _rope_tables(pos, half, theta_scale, f32(freq_scale), dtype.type(0), cos, sin)
-    return cos, sin
+    ff = np.ones(half, np.float32) if freq_factors is None else np.ascontiguousarray(freq_factors, np.float32)
+    if ff.shape != (half,):
+        raise ValueError(f"freq_factors has shape {ff.shape}, expected ({half},)")
+    flat = pos.reshape(-1)
+    cos = np.empty((flat.shape[0], half), dtype=dtype)
+    sin = np.empty((flat.shape[0], half), dtype=dtype)
+    _rope_tables(flat, half, theta_scale, f32(freq_scale), ff, dtype.type(mscale), dtype.type(0), cos, sin)
+    return cos.reshape(pos.shape + (half,)), sin.reshape(pos.shape + (half,))
 
 
 @njit(cache=True, fastmath=False)
-def _rope_fwd(x, cos, sin, n_rot, out):  # pragma: no cover - compiled
-    # x [B, T, H, D], cos/sin [T, n_rot/2] -> out [B, H, T, D]
-    # (x0, x1) = (x[2i], x[2i+1]) -> (x0·c − x1·s, x0·s + x1·c); dims >= n_rot are copied
+def _rope_fwd(x, cos, sin, n_rot, neox, out):  # pragma: no cover - compiled
+    # x [B, T, H, D], cos/sin [Bc, T, n_rot/2] (Bc = 1: shared by the rows) -> out [B, H, T, D]
+    # normal: (x0, x1) = (x[2i], x[2i+1]); NeoX: (x[i], x[i + n_rot/2]); each pair ->
+    # (x0·c − x1·s, x0·s + x1·c); dims >= n_rot are copied
     B, T, H, D = x.shape
     half = n_rot // 2
     for b in range(B):
+        cb = cos[b if cos.shape[0] > 1 else 0]
+        sb = sin[b if sin.shape[0] > 1 else 0]
         for h in range(H):
             for t in range(T):
-                for i in range(half):
-                    c = cos[t, i]
-                    s = sin[t, i]
-                    x0 = x[b, t, h, 2 * i]
-                    x1 = x[b, t, h, 2 * i + 1]
-                    out[b, h, t, 2 * i] = x0 * c - x1 * s
-                    out[b, h, t, 2 * i + 1] = x0 * s + x1 * c
+                if neox:
+                    for i in range(half):
+                        c = cb[t, i]
+                        s = sb[t, i]
+                        x0 = x[b, t, h, i]
+                        x1 = x[b, t, h, i + half]
+                        out[b, h, t, i] = x0 * c - x1 * s
+                        out[b, h, t, i + half] = x0 * s + x1 * c
+                else:
+                    for i in range(half):
+                        c = cb[t, i]
+                        s = sb[t, i]
+                        x0 = x[b, t, h, 2 * i]
+                        x1 = x[b, t, h, 2 * i + 1]
+                        out[b, h, t, 2 * i] = x0 * c - x1 * s
+                        out[b, h, t, 2 * i + 1] = x0 * s + x1 * c
                 for d in range(n_rot, D):
                     out[b, h, t, d] = x[b, t, h, d]
 
 
 @njit(cache=True, fastmath=False)
-def _rope_bwd(dout, cos, sin, n_rot, dx):  # pragma: no cover - compiled
-    # dout [B, H, T, D], cos/sin [T, n_rot/2] -> dx [B, T, H, D]: the inverse (transposed) rotation
+def _rope_bwd(dout, cos, sin, n_rot, neox, dx):  # pragma: no cover - compiled
+    # dout [B, H, T, D], cos/sin [Bc, T, n_rot/2] -> dx [B, T, H, D]: the inverse (transposed) rotation
     B, H, T, D = dout.shape
     half = n_rot // 2
     for b in range(B):
+        cb = cos[b if cos.shape[0] > 1 else 0]
+        sb = sin[b if sin.shape[0] > 1 else 0]
         for t in range(T):
             for h in range(H):
-                for i in range(half):
-                    c = cos[t, i]
-                    s = sin[t, i]
-                    d0 = dout[b, h, t, 2 * i]
-                    d1 = dout[b, h, t, 2 * i + 1]
-                    dx[b, t, h, 2 * i] = d0 * c + d1 * s
-                    dx[b, t, h, 2 * i + 1] = d1 * c - d0 * s
+                if neox:
+                    for i in range(half):
+                        c = cb[t, i]
+                        s = sb[t, i]
+                        d0 = dout[b, h, t, i]
+                        d1 = dout[b, h, t, i + half]
+                        dx[b, t, h, i] = d0 * c + d1 * s
+                        dx[b, t, h, i + half] = d1 * c - d0 * s
+                else:
+                    for i in range(half):
+                        c = cb[t, i]
+                        s = sb[t, i]
+                        d0 = dout[b, h, t, 2 * i]
+                        d1 = dout[b, h, t, 2 * i + 1]
+                        dx[b, t, h, 2 * i] = d0 * c + d1 * s
+                        dx[b, t, h, 2 * i + 1] = d1 * c - d0 * s
                 for d in range(n_rot, D):
                     dx[b, t, h, d] = dout[b, h, t, d]
 
 
-def _rope_args(x, cos, sin, n_rot, T):
+def _rope_args(x, cos, sin, n_rot, B, T):
     half = n_rot // 2
     if n_rot <= 0 or n_rot % 2 or n_rot > x.shape[3]:
         raise ValueError(f"n_rot must be even and in 1..{x.shape[3]}, got {n_rot}")
-    cos = _like(cos, x.dtype, (T, half), "cos")
-    sin = _like(sin, x.dtype, (T, half), "sin")
+    cos, sin = np.asarray(cos), np.asarray(sin)
+    rows = cos.shape[0] if cos.ndim == 3 else 1
+    if rows not in (1, B):
+        raise ValueError(f"cos has {rows} rows of positions, expected 1 or {B}")
+    cos = _like(cos.reshape(rows, *cos.shape[-2:]), x.dtype, (rows, T, half), "cos")
+    sin = _like(sin.reshape(rows, *sin.shape[-2:]), x.dtype, (rows, T, half), "sin")
     return cos, sin
 
 
-def rope_forward(x, cos, sin, n_rot: int, out=None):
-    """x [B, T, H, D] -> out [B, H, T, D]: rotate adjacent pairs of the first n_rot dims, head-major."""
+def rope_forward(x, cos, sin, n_rot: int, out=None, neox: bool = False):
+    """x [B, T, H, D] -> out [B, H, T, D]: rotate the first n_rot dims in pairs (adjacent, or
+    (i, i + n_rot/2) with ``neox``), head-major.  cos/sin [T, n_rot/2], or [B, T, n_rot/2] with a
+    table per row."""
     x = _float_array(x, "x")
     B, T, H, D = x.shape
-    cos, sin = _rope_args(x, cos, sin, n_rot, T)
+    cos, sin = _rope_args(x, cos, sin, n_rot, B, T)
     out = _out(out, (B, H, T, D), x.dtype)
-    _rope_fwd(x, cos, sin, n_rot, out)
+    _rope_fwd(x, cos, sin, n_rot, bool(neox), out)
     return out
 
 
-def rope_backward(dout, cos, sin, n_rot: int):
+def rope_backward(dout, cos, sin, n_rot: int, neox: bool = False):
     """dout [B, H, T, D] -> dx [B, T, H, D] (inverse rotation and transpose back)."""
     dout = _float_array(dout, "dout")
     B, H, T, D = dout.shape
-    cos, sin = _rope_args(dout, cos, sin, n_rot, T)
+    cos, sin = _rope_args(dout, cos, sin, n_rot, B, T)
     dx = np.empty((B, T, H, D), dtype=dout.dtype)
-    _rope_bwd(dout, cos, sin, n_rot, dx)
+    _rope_bwd(dout, cos, sin, n_rot, bool(neox), dx)
     return dx
 
 
@@ -695,6 +732,62 @@ def swiglu_backward(dh, g, u):
     return dg, du
 
 
+# == 3b. GeGLU (gelu_tanh(gate) · up, Gemma) =====================================================
+
+_GELU_C = 0.7978845608028654  # sqrt(2/pi)
+_GELU_A = 0.044715
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _geglu_fwd(g, u, c, a, half, one, h):  # pragma: no cover - compiled
+    # g, u [N, F] -> h [N, F] = gelu(g)·u, gelu(x) = ½x(1 + tanh(c·(x + a·x³))) in the dtype
+    N, F = g.shape
+    for i in prange(N):
+        for j in range(F):
+            x = g[i, j]
+            h[i, j] = (half * x * (one + np.tanh(c * (x + a * x * x * x)))) * u[i, j]
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _geglu_bwd(dh, g, u, c, a, a3, half, one, dg, du):  # pragma: no cover - compiled
+    # dh, g, u [N, F] -> dg, du [N, F]; with t = tanh(c·(x + a·x³)):
+    # gelu = ½x(1 + t), gelu' = ½(1 + t) + ½x(1 − t²)·c·(1 + a3·x²), a3 = 3a
+    N, F = g.shape
+    for i in prange(N):
+        for j in range(F):
+            x = g[i, j]
+            t = np.tanh(c * (x + a * x * x * x))
+            d = dh[i, j]
+            du[i, j] = d * (half * x * (one + t))
+            dg[i, j] = d * u[i, j] * (half * (one + t) + half * x * (one - t * t) * c * (one + a3 * x * x))
+
+
+def geglu_forward(g, u, out=None):
+    """g, u [N, F] -> h [N, F] = gelu_tanh(g)·u (Gemma's feed-forward; llama.cpp's GELU is a float16
+    table of the same function)."""
+    g = _float_array(g, "g")
+    u = _like(u, g.dtype, g.shape, "u")
+    h = _out(out, g.shape, g.dtype)
+    t = g.dtype.type
+    n = g.shape[0]
+    _geglu_fwd(g.reshape(n, -1), u.reshape(n, -1), t(_GELU_C), t(_GELU_A), t(0.5), t(1), h.reshape(n, -1))
+    return h
+
+
+def geglu_backward(dh, g, u):
+    """dh, g, u [N, F] -> (dg, du) [N, F]."""
+    g = _float_array(g, "g")
+    u = _like(u, g.dtype, g.shape, "u")
+    dh = _like(dh, g.dtype, g.shape, "dh")
+    dg = np.empty_like(g)
+    du = np.empty_like(g)
+    t = g.dtype.type
+    n = g.shape[0]
+    _geglu_bwd(dh.reshape(n, -1), g.reshape(n, -1), u.reshape(n, -1), t(_GELU_C), t(_GELU_A), t(3 * _GELU_A),
+               t(0.5), t(1), dg.reshape(n, -1), du.reshape(n, -1))
+    return dg, du
+
+
 # == 4. causal attention with GQA, head-major ======================================================
 
 def _attn_shapes(q, k, v):
@@ -709,36 +802,69 @@ def _attn_shapes(q, k, v):
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _causal_softmax(s, T, scale):  # pragma: no cover - compiled
-    # s [R, T] raw scores q·k, row r has query position r % T; scale of s's dtype -> in place:
-    # p_j = exp(scale·s_j − m) / Σ for j <= r % T (exp in the dtype, Σ in float64), 0 above
+def _causal_softmax(s, T, rows_per_b, lo, scale):  # pragma: no cover - compiled
+    # s [R, T] raw scores q·k; row r has query position t = r % T in batch row b = r // rows_per_b,
+    # which sees keys lo[b, t]..t; scale of s's dtype -> in place: p_j = exp(scale·s_j − m) / Σ over
+    # those keys (exp in the dtype, Σ in float64), 0 elsewhere
     R = s.shape[0]
     for r in prange(R):
-        n = r % T + 1
+        t = r % T
+        j0 = lo[r // rows_per_b, t]
+        n = t + 1
         row = s[r]
-        for j in range(n):
+        for j in range(j0, n):
             row[j] = scale * row[j]
-        tot = _exp_sub_sum(row, n, _max_n(row, n))
+        seen = row[j0:n]
+        tot = _exp_sub_sum(seen, n - j0, _max_n(seen, n - j0))
         inv = 1.0 / tot
-        for j in range(n):
+        for j in range(j0, n):
             row[j] = row[j] * inv
+        for j in range(j0):
+            row[j] = 0
         for j in range(n, T):
             row[j] = 0
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _causal_softmax_bwd(dp, p, T, scale):  # pragma: no cover - compiled
-    # dp, p [R, T] -> in place dp := scale·P ⊙ (dP − rowsum(dP ⊙ P)) (0 above the diagonal)
+def _causal_softmax_bwd(dp, p, T, rows_per_b, lo, scale):  # pragma: no cover - compiled
+    # dp, p [R, T] -> in place dp := scale·P ⊙ (dP − rowsum(dP ⊙ P)) over the keys each row sees, 0 elsewhere
     R = p.shape[0]
     for r in prange(R):
-        n = r % T + 1
+        t = r % T
+        j0 = lo[r // rows_per_b, t]
+        n = t + 1
         tot = 0.0
-        for j in range(n):
+        for j in range(j0, n):
             tot += np.float64(dp[r, j]) * p[r, j]
-        for j in range(n):
+        for j in range(j0, n):
             dp[r, j] = scale * p[r, j] * (dp[r, j] - tot)
+        for j in range(j0):
+            dp[r, j] = 0
         for j in range(n, T):
             dp[r, j] = 0
+
+
+def key_starts(B: int, T: int, window: int = 0, seg_start=None):
+    """The lowest key each query may see, [B, T] int64: 0 (causal), the start of the query's record
+    in a packed row (``seg_start`` [B, T]), and at most ``window`` keys back (sliding window:
+    query t sees keys t - window + 1 .. t).  None when every query sees keys 0..t."""
+    lo = None if seg_start is None else np.ascontiguousarray(seg_start, dtype=np.int64).reshape(B, T)
+    if 0 < window < T:
+        w = np.maximum(np.arange(T, dtype=np.int64) - (window - 1), 0)[None, :]
+        lo = np.broadcast_to(w, (B, T)).copy() if lo is None else np.maximum(lo, w)
+    return lo
+
+
+def _key_starts(lo, B: int, T: int) -> np.ndarray:
+    if lo is None:
+        return np.zeros((B, T), dtype=np.int64)
+    lo = np.ascontiguousarray(lo, dtype=np.int64)
+    if lo.shape != (B, T):
+        raise ValueError(f"lo has shape {lo.shape}, expected ({B}, {T})")
+    t = np.arange(T)
+    if lo.min(initial=0) < 0 or np.any(lo > t) or np.any(np.diff(lo, axis=1) < 0):
+        raise ValueError("lo must be non-decreasing along each row with 0 <= lo[b, t] <= t")
+    return lo
 
 
 def _t(x):
@@ -747,21 +873,22 @@ def _t(x):
     return np.ascontiguousarray(x.swapaxes(-1, -2))
 
 
-def attention_forward(q, k, v, scale: float):
+def attention_forward(q, k, v, scale: float, lo=None):
     """q [B, Hq, T, D], k, v [B, Hkv, T, D] -> (out [B, Hq, T, D], probs [B, Hq, T, T]).
 
-    Query head h reads KV head h // (Hq // Hkv).  q viewed as [B, Hkv, G·T, D] makes the score
-    and value products one batched matmul each.
+    Query head h reads KV head h // (Hq // Hkv); query t sees keys lo[b, t]..t (lo [B, T], see
+    :func:`key_starts`; None: 0..t).  q viewed as [B, Hkv, G·T, D] makes the score and value
+    products one batched matmul each.
     """
     q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
     G = Hq // Hkv
     s = np.matmul(q.reshape(B, Hkv, G * T, D), _t(k))  # [B, Hkv, G*T, T]
-    _causal_softmax(s.reshape(-1, T), T, q.dtype.type(scale))
+    _causal_softmax(s.reshape(-1, T), T, Hq * T, _key_starts(lo, B, T), q.dtype.type(scale))
     out = np.matmul(s, v)  # [B, Hkv, G*T, D]
     return out.reshape(B, Hq, T, D), s.reshape(B, Hq, T, T)
 
 
-def attention_backward(dout, q, k, v, probs, scale: float):
+def attention_backward(dout, q, k, v, probs, scale: float, lo=None):
     """dout [B, Hq, T, D], probs [B, Hq, T, T] -> (dq [B, Hq, T, D], dk, dv [B, Hkv, T, D]).
 
     dk and dv sum over the G query heads of each KV head through the folded G·T rows.
@@ -772,15 +899,15 @@ def attention_backward(dout, q, k, v, probs, scale: float):
     p = _like(probs, q.dtype, (B, Hq, T, T), "probs").reshape(B, Hkv, G * T, T)
     dv = _t(np.matmul(_t(dout), p))  # (doutᵀ·P)ᵀ = Pᵀ·dout  [B, Hkv, T, D]
     ds = np.matmul(dout, _t(v))  # dP [B, Hkv, G*T, T]
-    _causal_softmax_bwd(ds.reshape(-1, T), p.reshape(-1, T), T, float(scale))  # -> dS
+    _causal_softmax_bwd(ds.reshape(-1, T), p.reshape(-1, T), T, Hq * T, _key_starts(lo, B, T), float(scale))  # dS
     dq = np.matmul(ds, k)  # [B, Hkv, G*T, D]
     dk = _t(np.matmul(_t(q.reshape(B, Hkv, G * T, D)), ds))  # dSᵀ·q  [B, Hkv, T, D]
     return dq.reshape(B, Hq, T, D), dk, dv
 
 
 @njit(cache=True, fastmath=False)
-def _scores(q, i, kT, n, s):  # pragma: no cover - compiled
-    # s[:n] = q[i]·kT[:, :n]  (q [T, D], kT [D, >=n]); accumulated over d in order, four dims
+def _scores(q, i, kT, j0, n, s):  # pragma: no cover - compiled
+    # s[:n] = q[i]·kT[:, j0:j0+n]  (q [T, D], kT [D, >=j0+n]); accumulated over d in order, four dims
     # per pass over s (same additions in the same order as one dim at a time; fewer stores)
     D = q.shape[1]
     for j in range(n):
@@ -788,21 +915,21 @@ def _scores(q, i, kT, n, s):  # pragma: no cover - compiled
     d = 0
     while d + 4 <= D:
         q0, q1, q2, q3 = q[i, d], q[i, d + 1], q[i, d + 2], q[i, d + 3]
-        k0, k1, k2, k3 = kT[d], kT[d + 1], kT[d + 2], kT[d + 3]
+        k0, k1, k2, k3 = kT[d, j0:], kT[d + 1, j0:], kT[d + 2, j0:], kT[d + 3, j0:]
         for j in range(n):
             s[j] = (((s[j] + q0 * k0[j]) + q1 * k1[j]) + q2 * k2[j]) + q3 * k3[j]
         d += 4
     while d < D:
         q0 = q[i, d]
-        k0 = kT[d]
+        k0 = kT[d, j0:]
         for j in range(n):
             s[j] += q0 * k0[j]
         d += 1
 
 
 @njit(cache=True, fastmath=False)
-def _scores4(q, i, kT, n, S):  # pragma: no cover - compiled
-    # S[r, :n] = q[i + r]·kT[:, :n] for r = 0..3: the four rows share each load of kT, and each
+def _scores4(q, i, kT, j0, n, S):  # pragma: no cover - compiled
+    # S[r, :n] = q[i + r]·kT[:, j0:j0+n] for r = 0..3: the four rows share each load of kT, and each
     # row's sums are the same additions in the same order as _scores (bit for bit).
     D = q.shape[1]
     s0, s1, s2, s3 = S[0], S[1], S[2], S[3]
@@ -817,7 +944,7 @@ def _scores4(q, i, kT, n, S):  # pragma: no cover - compiled
         b0, b1, b2, b3 = q[i + 1, d], q[i + 1, d + 1], q[i + 1, d + 2], q[i + 1, d + 3]
         c0, c1, c2, c3 = q[i + 2, d], q[i + 2, d + 1], q[i + 2, d + 2], q[i + 2, d + 3]
         e0, e1, e2, e3 = q[i + 3, d], q[i + 3, d + 1], q[i + 3, d + 2], q[i + 3, d + 3]
-        k0, k1, k2, k3 = kT[d], kT[d + 1], kT[d + 2], kT[d + 3]
+        k0, k1, k2, k3 = kT[d, j0:], kT[d + 1, j0:], kT[d + 2, j0:], kT[d + 3, j0:]
         for j in range(n):
             x0, x1, x2, x3 = k0[j], k1[j], k2[j], k3[j]
             s0[j] = (((s0[j] + a0 * x0) + a1 * x1) + a2 * x2) + a3 * x3
@@ -827,7 +954,7 @@ def _scores4(q, i, kT, n, S):  # pragma: no cover - compiled
         d += 4
     while d < D:
         a0, b0, c0, e0 = q[i, d], q[i + 1, d], q[i + 2, d], q[i + 3, d]
-        k0 = kT[d]
+        k0 = kT[d, j0:]
         for j in range(n):
             x0 = k0[j]
             s0[j] += a0 * x0
@@ -878,49 +1005,56 @@ def _acc_rows4(W, X, n4, ACC):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
-def _attend_rows4(q, i, kT, v, scale, S, ACC, M, TOT):  # pragma: no cover - compiled
-    # _attend_row for the four causal rows i..i+3 (row r sees keys 0..i+r; kT needs i+4 columns),
-    # bit for bit: S [4, >=i+4], ACC [4, D] (not yet divided), M, TOT [4] float64.  The rows share
-    # the loads of kT (scores) and of v (the weighted sum over the key groups all four rows have).
-    _scores4(q, i, kT, i + 4, S)
+def _attend_rows4(q, i, kT, v, lo, scale, S, ACC, M, TOT):  # pragma: no cover - compiled
+    # _attend_row for the four rows i..i+3 (row r sees keys lo[i+r]..i+r, lo non-decreasing; kT needs
+    # i+4 columns), bit for bit: S [4, >=i+4-lo[i]] holds keys from j0 = lo[i] on, ACC [4, D] (not yet
+    # divided), M, TOT [4] float64.  The rows share the loads of kT (scores) and of v (the weighted
+    # sum over the key groups all four rows have); keys a row does not see weigh 0 there.
+    j0 = lo[i]
+    vs = v[j0:]
+    _scores4(q, i, kT, j0, i + 4 - j0, S)
     for r in range(4):
-        n = i + r + 1
+        a = lo[i + r] - j0
+        n = i + r + 1 - j0
         sr = S[r]
-        for j in range(n):
+        for j in range(a, n):
             sr[j] = scale * sr[j]
-        m = _max_n(sr, n)
+        seen = sr[a:n]
+        m = _max_n(seen, n - a)
         M[r] = m
-        TOT[r] = _exp_sub_sum(sr, n, m)
+        TOT[r] = _exp_sub_sum(seen, n - a, m)
+        for j in range(a):
+            sr[j] = 0
     ACC[:, :] = 0
-    j = (i + 1) // 4 * 4  # key groups every row has (row 0 sees i + 1 keys)
-    _acc_rows4(S, v, j, ACC)
+    j = (i + 1 - j0) // 4 * 4  # key groups every row has (row 0 sees i + 1 - j0 keys)
+    _acc_rows4(S, vs, j, ACC)
     for r in range(4):  # each row's remaining keys
-        _acc_row(S[r], v, j, i + r + 1, ACC[r])
+        _acc_row(S[r], vs, j, i + r + 1 - j0, ACC[r])
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _attend_row(q, i, kT, v, n, scale, s, acc):  # pragma: no cover - compiled
-    # query row i of q [T, D] over keys 0..n-1 (kT [D, >=n], v [>=n, D]), buffers s [>=n], acc [D]:
-    # s := exp(scale·q_i·k_j − m), acc := Σ_j s_j v_j (not yet divided); returns (m, Σ_j s_j).
+def _attend_row(q, i, kT, v, j0, n, scale, s, acc):  # pragma: no cover - compiled
+    # query row i of q [T, D] over keys j0..j0+n-1 (kT [D, >=j0+n], v [>=j0+n, D]), buffers s [>=n],
+    # acc [D]: s := exp(scale·q_i·k_j − m), acc := Σ_j s_j v_j (not yet divided); returns (m, Σ_j s_j).
     # Shared by the flash forward and the decoder's cached attention (same arithmetic, bit for bit).
     D = acc.shape[0]
-    _scores(q, i, kT, n, s)
+    _scores(q, i, kT, j0, n, s)
     for j in range(n):
         s[j] = scale * s[j]
     m = _max_n(s, n)
     tot = _exp_sub_sum(s, n, m)
     for d in range(D):
         acc[d] = 0
-    _acc_row(s, v, 0, n, acc)  # acc += p_j v_j
+    _acc_row(s, v[j0:], 0, n, acc)  # acc += p_j v_j
     return m, tot
 
 
 @njit(cache=True, fastmath=False)
-def _flash_fwd_rows(q, kT, v, scale, i0, i1, out, lse):  # pragma: no cover - compiled
-    # one head, query rows i0..i1-1: q, out [T, D], kT [D, T] (keys transposed), v [T, D], lse [T]
-    # A row's scores (<= T of them, in a [T] buffer) come from kT (vectorizes over keys), are
-    # scaled (scale has q's dtype), then max / exp / Σ (float64) and out = Σ_j p_j v_j / Σ_j p_j.
-    # The whole row fits the buffer, so no online rescaling.
+def _flash_fwd_rows(q, kT, v, lo, scale, i0, i1, out, lse):  # pragma: no cover - compiled
+    # one head, query rows i0..i1-1: q, out [T, D], kT [D, T] (keys transposed), v [T, D], lo [T] (the
+    # first key each row sees), lse [T].  A row's scores (<= T of them, in a [T] buffer) come from kT
+    # (vectorizes over keys), are scaled (scale has q's dtype), then max / exp / Σ (float64) and
+    # out = Σ_j p_j v_j / Σ_j p_j.  The whole row fits the buffer, so no online rescaling.
     D = q.shape[1]
     S = np.empty((4, i1), dtype=q.dtype)
     ACC = np.empty((4, D), dtype=q.dtype)
@@ -928,14 +1062,14 @@ def _flash_fwd_rows(q, kT, v, scale, i0, i1, out, lse):  # pragma: no cover - co
     TOT = np.empty(4, dtype=np.float64)
     i = i0
     while i + 4 <= i1:  # four rows at a time (same arithmetic per row as _attend_row)
-        _attend_rows4(q, i, kT, v, scale, S, ACC, M, TOT)
+        _attend_rows4(q, i, kT, v, lo, scale, S, ACC, M, TOT)
         for r in range(4):
             for d in range(D):
                 out[i + r, d] = ACC[r, d] / TOT[r]
             lse[i + r] = M[r] + np.log(TOT[r])
         i += 4
     while i < i1:
-        m, tot = _attend_row(q, i, kT, v, i + 1, scale, S[0], ACC[0])
+        m, tot = _attend_row(q, i, kT, v, lo[i], i + 1 - lo[i], scale, S[0], ACC[0])
         for d in range(D):
             out[i, d] = ACC[0, d] / tot
         lse[i] = m + np.log(tot)
@@ -943,8 +1077,8 @@ def _flash_fwd_rows(q, kT, v, scale, i0, i1, out, lse):  # pragma: no cover - co
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _flash_fwd(q, kT, v, scale, bq, out, lse):  # pragma: no cover - compiled
-    # q [B, Hq, T, D], kT [B, Hkv, D, T], v [B, Hkv, T, D] -> out [B, Hq, T, D], lse [B, Hq, T]
+def _flash_fwd(q, kT, v, lo, scale, bq, out, lse):  # pragma: no cover - compiled
+    # q [B, Hq, T, D], kT [B, Hkv, D, T], v [B, Hkv, T, D], lo [B, T] -> out [B, Hq, T, D], lse [B, Hq, T]
     # prange over (b, h, block of bq query rows); each item writes only its own rows
     B, Hq, T, D = q.shape
     G = Hq // kT.shape[1]
@@ -954,18 +1088,19 @@ def _flash_fwd(q, kT, v, scale, bq, out, lse):  # pragma: no cover - compiled
         h = (item // nqb) % Hq
         b = item // (nqb * Hq)
         i0 = qb * bq
-        _flash_fwd_rows(q[b, h], kT[b, h // G], v[b, h // G], scale, i0, min(T, i0 + bq), out[b, h], lse[b, h])
+        _flash_fwd_rows(q[b, h], kT[b, h // G], v[b, h // G], lo[b], scale, i0, min(T, i0 + bq), out[b, h],
+                        lse[b, h])
 
 
 @njit(cache=True, fastmath=False)
-def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no cover - compiled
-    # one query head: dout, q, out, dq [T, D], k, v [T, D] (its KV head), lse [T]
-    # -> dq; dk, dv [T, D] accumulate (+=) this head's contribution.
+def _flash_bwd_head(dout, q, k, v, out, lse, lo, scale, dq, dk, dv):  # pragma: no cover - compiled
+    # one query head: dout, q, out, dq [T, D], k, v [T, D] (its KV head), lse [T], lo [T] (the first
+    # key each row sees, non-decreasing) -> dq; dk, dv [T, D] accumulate (+=) this head's contribution.
     # For each query row i: recompute p_j = exp(scale·q_i·k_j − lse_i) and dp_j = dout_i·v_j
-    # (j <= i), ds_j = scale·p_j·(dp_j − dout_i·out_i), then dq_i = Σ_j ds_j k_j,
-    # dk_j += ds_j q_i, dv_j += p_j dout_i.  Rows go in blocks of 4 that share each pass over a
-    # key row (p and ds are 0 past a row's diagonal); every sum still adds rows in order i and
-    # keys in order j, so the result equals the row-at-a-time loop.
+    # (lo_i <= j <= i), ds_j = scale·p_j·(dp_j − dout_i·out_i), then dq_i = Σ_j ds_j k_j,
+    # dk_j += ds_j q_i, dv_j += p_j dout_i.  Rows go in blocks of 4 that share each pass over the
+    # keys from the block's first row's lo (p and ds are 0 where a row sees no key); every sum
+    # still adds rows in order i and keys in order j, so the result equals the row-at-a-time loop.
     T, D = q.shape
     kT = np.empty((D, T), dtype=q.dtype)
     vT = np.empty((D, T), dtype=q.dtype)
@@ -978,26 +1113,32 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
     dqa = np.empty((4, D), dtype=q.dtype)
     for i0 in range(0, T, 4):
         i1 = min(T, i0 + 4)
+        j0 = lo[i0]
+        nk = i1 - j0  # keys j0..i1-1, local index j - j0
         if i1 - i0 == 4:  # the four rows' scores and dout·v sums share each load of kT / vT
-            _scores4(q, i0, kT, i1, P)
-            _scores4(dout, i0, vT, i1, DS)
+            _scores4(q, i0, kT, j0, nk, P)
+            _scores4(dout, i0, vT, j0, nk, DS)
         for r in range(i1 - i0):
             i = i0 + r
-            n = i + 1
+            a = lo[i] - j0
+            n = i + 1 - j0
             di = 0.0
             for d in range(D):
                 di += np.float64(dout[i, d]) * out[i, d]
             pr = P[r]
             dsr = DS[r]
             if i1 - i0 < 4:
-                _scores(q, i, kT, n, pr)
-                _scores(dout, i, vT, n, dsr)
+                _scores(q, i, kT, j0, n, pr)
+                _scores(dout, i, vT, j0, n, dsr)
             li = lse[i]
-            for j in range(n):
+            for j in range(a, n):
                 pj = _exp(scale * pr[j] - li)
                 pr[j] = pj
                 dsr[j] = scale * pj * (dsr[j] - di)
-            for j in range(n, i1):
+            for j in range(a):
+                pr[j] = 0
+                dsr[j] = 0
+            for j in range(n, nk):
                 pr[j] = 0
                 dsr[j] = 0
         for r in range(4):
@@ -1006,29 +1147,33 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
         if i1 - i0 == 4:
             q0, q1, q2, q3 = q[i0], q[i0 + 1], q[i0 + 2], q[i0 + 3]
             o0, o1, o2, o3 = dout[i0], dout[i0 + 1], dout[i0 + 2], dout[i0 + 3]
-            for j in range(i1):  # dk_j: the four rows' terms, in row order
-                s0, s1, s2, s3 = DS[0, j], DS[1, j], DS[2, j], DS[3, j]
-                dkj = dk[j]
+            for jj in range(nk):  # dk_j: the four rows' terms, in row order
+                s0, s1, s2, s3 = DS[0, jj], DS[1, jj], DS[2, jj], DS[3, jj]
+                dkj = dk[j0 + jj]
                 for d in range(D):
                     dkj[d] = (((dkj[d] + s0 * q0[d]) + s1 * q1[d]) + s2 * q2[d]) + s3 * q3[d]
-            for j in range(i1):  # dv_j likewise (a loop of its own: fewer live streams, ~1.3x)
-                p0, p1, p2, p3 = P[0, j], P[1, j], P[2, j], P[3, j]
-                dvj = dv[j]
+            for jj in range(nk):  # dv_j likewise (a loop of its own: fewer live streams, ~1.3x)
+                p0, p1, p2, p3 = P[0, jj], P[1, jj], P[2, jj], P[3, jj]
+                dvj = dv[j0 + jj]
                 for d in range(D):
                     dvj[d] = (((dvj[d] + p0 * o0[d]) + p1 * o1[d]) + p2 * o2[d]) + p3 * o3[d]
-            _acc_rows4(DS, k, i1, dqa)  # dq rows: Σ_j ds_j k_j in key order (i1 % 4 == 0)
+            ks = k[j0:]
+            n4 = nk // 4 * 4
+            _acc_rows4(DS, ks, n4, dqa)  # dq rows: Σ_j ds_j k_j in key order
+            for r in range(4):
+                _acc_row(DS[r], ks, n4, nk, dqa[r])
         else:
             for r in range(i1 - i0):
                 i = i0 + r
                 qi = q[i]
                 doi = dout[i]
                 ar = dqa[r]
-                for j in range(i + 1):
-                    pj = P[r, j]
-                    dsj = DS[r, j]
-                    kj = k[j]
-                    dkj = dk[j]
-                    dvj = dv[j]
+                for jj in range(lo[i] - j0, i + 1 - j0):
+                    pj = P[r, jj]
+                    dsj = DS[r, jj]
+                    kj = k[j0 + jj]
+                    dkj = dk[j0 + jj]
+                    dvj = dv[j0 + jj]
                     for d in range(D):
                         ar[d] += dsj * kj[d]
                         dkj[d] += dsj * qi[d]
@@ -1039,8 +1184,8 @@ def _flash_bwd_head(dout, q, k, v, out, lse, scale, dq, dk, dv):  # pragma: no c
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _flash_bwd(dout, q, k, v, out, lse, scale, dq, dkp, dvp):  # pragma: no cover - compiled
-    # dout, q, out [B, Hq, T, D], k, v [B, Hkv, T, D], lse [B, Hq, T]
+def _flash_bwd(dout, q, k, v, out, lse, lo, scale, dq, dkp, dvp):  # pragma: no cover - compiled
+    # dout, q, out [B, Hq, T, D], k, v [B, Hkv, T, D], lse [B, Hq, T], lo [B, T]
     # -> dq [B, Hq, T, D]; per-query-head partials dkp, dvp [B, Hq, T, D] (zeroed by the caller).
     # prange over (b, h): each item writes only its own head's slots.
     B, Hq, T, D = q.shape
@@ -1048,25 +1193,26 @@ def _flash_bwd(dout, q, k, v, out, lse, scale, dq, dkp, dvp):  # pragma: no cove
     for bh in prange(B * Hq):
         b = bh // Hq
         h = bh % Hq
-        _flash_bwd_head(dout[b, h], q[b, h], k[b, h // G], v[b, h // G], out[b, h], lse[b, h], scale,
+        _flash_bwd_head(dout[b, h], q[b, h], k[b, h // G], v[b, h // G], out[b, h], lse[b, h], lo[b], scale,
                         dq[b, h], dkp[b, h], dvp[b, h])
 
 
-def flash_attention_forward(q, k, v, scale: float, block_q: int = FLASH_BLOCK_Q):
+def flash_attention_forward(q, k, v, scale: float, block_q: int = FLASH_BLOCK_Q, lo=None):
     """q [B, Hq, T, D], k, v [B, Hkv, T, D] -> (out [B, Hq, T, D], lse [B, Hq, T]).
 
-    Same result as :func:`attention_forward` (to rounding) with O(T) memory per row block;
-    lse is the log-sum-exp of each row's scaled scores (what backward needs).
+    Same result as :func:`attention_forward` (to rounding) with O(T) memory per row block; query t
+    sees keys lo[b, t]..t (lo [B, T], see :func:`key_starts`; None: 0..t) and no work is done for the
+    keys before them.  lse is the log-sum-exp of each row's scaled scores (what backward needs).
     """
     q, k, v, B, Hq, Hkv, T, D = _attn_shapes(q, k, v)
     out = np.empty_like(q)
     lse = np.empty((B, Hq, T), dtype=q.dtype)
     kT = np.ascontiguousarray(np.swapaxes(k, 2, 3))  # [B, Hkv, D, T], shared by all query blocks
-    _flash_fwd(q, kT, v, q.dtype.type(scale), max(1, int(block_q)), out, lse)
+    _flash_fwd(q, kT, v, _key_starts(lo, B, T), q.dtype.type(scale), max(1, int(block_q)), out, lse)
     return out, lse
 
 
-def flash_attention_backward(dout, q, k, v, out, lse, scale: float):
+def flash_attention_backward(dout, q, k, v, out, lse, scale: float, lo=None):
     """dout, q, out [B, Hq, T, D], k, v [B, Hkv, T, D], lse [B, Hq, T] -> (dq, dk, dv).
 
     Each query head accumulates its own dk/dv partial; the G partials of a KV head are then
@@ -1079,7 +1225,7 @@ def flash_attention_backward(dout, q, k, v, out, lse, scale: float):
     dq = np.empty_like(q)
     dkp = np.zeros_like(q)
     dvp = np.zeros_like(q)
-    _flash_bwd(dout, q, k, v, out, lse, q.dtype.type(scale), dq, dkp, dvp)
+    _flash_bwd(dout, q, k, v, out, lse, _key_starts(lo, B, T), q.dtype.type(scale), dq, dkp, dvp)
     G = Hq // Hkv
     if G == 1:
         return dq, dkp, dvp

@@ -40,44 +40,51 @@ def rmsnorm_backward(dout, x, w, rstd):
 
 # -- 2. RoPE ------------------------------------------------------------------------------------
 
-def rope_cache(pos, n_rot: int, freq_base: float, freq_scale: float, dtype=np.float32):
-    """pos [T] -> (cos, sin) [T, n_rot//2]; theta_i = freq_scale·p·ts^i built by repeated float32 products."""
+def rope_cache(pos, n_rot: int, freq_base: float, freq_scale: float, dtype=np.float32, freq_factors=None,
+               mscale: float = 1.0):
+    """pos [T] or [B, T] -> (cos, sin) [..., n_rot//2]; theta_i = freq_scale·(p·ts^i / ff_i), p·ts^i built
+    by repeated float32 products; cos/sin times mscale."""
     f32 = np.float32
     pos = np.asarray(pos)
     half = n_rot // 2
     ts = f32(freq_base) ** (f32(-2.0) / f32(n_rot))
-    steps = np.full((pos.shape[0], half), ts, dtype=f32)
-    steps[:, 0] = pos.astype(f32)
+    flat = pos.reshape(-1)
+    steps = np.full((flat.shape[0], half), ts, dtype=f32)
+    steps[:, 0] = flat.astype(f32)
     theta = np.cumprod(steps, axis=1, dtype=f32)  # p, p·ts, (p·ts)·ts, ...
-    th = (f32(freq_scale) * theta).astype(dtype)
-    return np.cos(th), np.sin(th)
+    ff = np.ones(half, f32) if freq_factors is None else np.asarray(freq_factors, f32)
+    th = (f32(freq_scale) * (theta / ff)).astype(dtype)
+    m = np.dtype(dtype).type(mscale)
+    return (np.cos(th) * m).reshape(pos.shape + (half,)), (np.sin(th) * m).reshape(pos.shape + (half,))
 
 
-def _rotate(x, cos, sin, n_rot):
-    """x [B, T, H, D]: (x[2i], x[2i+1]) -> (x0·c − x1·s, x0·s + x1·c) for i < n_rot/2."""
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
-    x0 = x[..., 0:n_rot:2]
-    x1 = x[..., 1:n_rot:2]
+def _rotate(x, cos, sin, n_rot, neox=False):
+    """x [B, T, H, D], cos/sin [T, n_rot/2] or [B, T, n_rot/2]: each pair (x[2i], x[2i+1]) — with
+    ``neox`` (x[i], x[i + n_rot/2]) — -> (x0·c − x1·s, x0·s + x1·c) for i < n_rot/2."""
+    c = cos[..., None, :] if cos.ndim == 3 else cos[None, :, None, :]
+    s = sin[..., None, :] if sin.ndim == 3 else sin[None, :, None, :]
+    half = n_rot // 2
+    i0, i1 = (slice(0, half), slice(half, n_rot)) if neox else (slice(0, n_rot, 2), slice(1, n_rot, 2))
+    x0, x1 = x[..., i0], x[..., i1]
     out = x.copy()
-    out[..., 0:n_rot:2] = x0 * c - x1 * s
-    out[..., 1:n_rot:2] = x0 * s + x1 * c
+    out[..., i0] = x0 * c - x1 * s
+    out[..., i1] = x0 * s + x1 * c
     return out
 
 
-def rope_forward(x, cos, sin, n_rot: int, out=None):
+def rope_forward(x, cos, sin, n_rot: int, out=None, neox: bool = False):
     """x [B, T, H, D] -> [B, H, T, D]."""
-    res = np.ascontiguousarray(_rotate(x, cos.astype(x.dtype), sin.astype(x.dtype), n_rot).transpose(0, 2, 1, 3))
+    res = np.ascontiguousarray(_rotate(x, cos.astype(x.dtype), sin.astype(x.dtype), n_rot, neox).transpose(0, 2, 1, 3))
     if out is not None:
         out[...] = res
         res = out
     return res
 
 
-def rope_backward(dout, cos, sin, n_rot: int):
+def rope_backward(dout, cos, sin, n_rot: int, neox: bool = False):
     """dout [B, H, T, D] -> dx [B, T, H, D]: rotation by −theta."""
     d = dout.transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(_rotate(d, cos.astype(d.dtype), -sin.astype(d.dtype), n_rot))
+    return np.ascontiguousarray(_rotate(d, cos.astype(d.dtype), -sin.astype(d.dtype), n_rot, neox))
 
 
 def to_heads(x, out=None):
@@ -128,6 +135,27 @@ def swiglu_backward(dh, g, u):
     return dg.astype(g.dtype), du.astype(g.dtype)
 
 
+_GELU_C, _GELU_A = np.sqrt(2.0 / np.pi), 0.044715
+
+
+def geglu_forward(g, u, out=None):
+    """h = ½g(1 + tanh(c·(g + a·g³)))·u, in float64."""
+    g64 = g.astype(F64)
+    res = (0.5 * g64 * (1.0 + np.tanh(_GELU_C * (g64 + _GELU_A * g64 ** 3))) * u).astype(g.dtype)
+    if out is not None:
+        out[...] = res
+        res = out
+    return res
+
+
+def geglu_backward(dh, g, u):
+    g64 = g.astype(F64)
+    t = np.tanh(_GELU_C * (g64 + _GELU_A * g64 ** 3))
+    gelu = 0.5 * g64 * (1.0 + t)
+    dgelu = 0.5 * (1.0 + t) + 0.5 * g64 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * _GELU_A * g64 ** 2)
+    return (dh * u * dgelu).astype(g.dtype), (dh * gelu).astype(g.dtype)
+
+
 # -- 4. attention -------------------------------------------------------------------------------
 
 def _expand(q, k, v):
@@ -135,11 +163,16 @@ def _expand(q, k, v):
     return np.repeat(k, G, axis=1).astype(F64), np.repeat(v, G, axis=1).astype(F64), G
 
 
-def _scores(q, kr, scale):
-    """Scaled masked scores [B, Hq, T, T] in float64 (−inf above the diagonal)."""
-    T = q.shape[2]
+def _scores(q, kr, scale, lo=None):
+    """Scaled masked scores [B, Hq, T, T] in float64: −inf above the diagonal and, with lo [B, T],
+    left of each query's first key."""
+    B, _, T, _ = q.shape
     s = (q.astype(F64) @ kr.transpose(0, 1, 3, 2)) * scale
-    s[..., np.triu(np.ones((T, T), dtype=bool), 1)] = -np.inf
+    j = np.arange(T)
+    hidden = j[None, None, :] > j[None, :, None]  # [1, T, T]
+    if lo is not None:
+        hidden = hidden | (j[None, None, :] < np.asarray(lo)[:, :, None])  # [B, T, T]
+    s[np.broadcast_to(hidden[:, None], s.shape)] = -np.inf
     return s
 
 
@@ -149,9 +182,9 @@ def _fold(x, G):
     return x.reshape(B, Hq // G, G, T, D).sum(axis=2)
 
 
-def attention_forward(q, k, v, scale: float):
+def attention_forward(q, k, v, scale: float, lo=None):
     kr, vr, _ = _expand(q, k, v)
-    s = _scores(q, kr, scale)
+    s = _scores(q, kr, scale, lo)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     return (p @ vr).astype(q.dtype), p.astype(q.dtype)
@@ -167,7 +200,7 @@ def _attn_grads(dout, q, kr, vr, p, dp_correction, scale, G):
     return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
 
 
-def attention_backward(dout, q, k, v, probs, scale: float):
+def attention_backward(dout, q, k, v, probs, scale: float, lo=None):
     kr, vr, G = _expand(q, k, v)
     p = probs.astype(F64)
     dp = dout.astype(F64) @ vr.transpose(0, 1, 3, 2)
@@ -175,18 +208,18 @@ def attention_backward(dout, q, k, v, probs, scale: float):
     return _attn_grads(dout, q, kr, vr, p, corr, scale, G)
 
 
-def flash_attention_forward(q, k, v, scale: float, block_q: int = 32):
+def flash_attention_forward(q, k, v, scale: float, block_q: int = 32, lo=None):
     kr, vr, _ = _expand(q, k, v)
-    s = _scores(q, kr, scale)
+    s = _scores(q, kr, scale, lo)
     m = s.max(axis=-1, keepdims=True)
     lse = m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
     p = np.exp(s - lse)
     return (p @ vr).astype(q.dtype), lse[..., 0].astype(q.dtype)
 
 
-def flash_attention_backward(dout, q, k, v, out, lse, scale: float):
+def flash_attention_backward(dout, q, k, v, out, lse, scale: float, lo=None):
     kr, vr, G = _expand(q, k, v)
-    p = np.exp(_scores(q, kr, scale) - lse.astype(F64)[..., None])
+    p = np.exp(_scores(q, kr, scale, lo) - lse.astype(F64)[..., None])
     corr = (dout.astype(F64) * out.astype(F64)).sum(axis=-1)[..., None]
     return _attn_grads(dout, q, kr, vr, p, corr, scale, G)
 
