@@ -155,6 +155,39 @@ def test_rope_gradient_finite_differences():
     fd_check(lambda: np.sum(K.rope_forward(x, cos, sin, n_rot) * R_), [x], [dx])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_neox_partial_rows_and_factors_match_reference(dtype, neox):
+    """NeoX pairs (i, i + n_rot/2), partial rotary (n_rot < D), a table per batch row (packed rows
+    restart their positions), frequency factors and an attention factor."""
+    rng = np.random.default_rng(12)
+    B, T, H, D, n_rot = 2, 9, 3, 10, 6
+    pos = np.stack([np.arange(T), np.r_[np.arange(4), np.arange(T - 4)]])  # row 1: two records
+    ff = rng.uniform(1.0, 3.0, n_rot // 2)
+    cos, sin = K.rope_cache(pos, n_rot, 500.0, 0.5, dtype, freq_factors=ff, mscale=1.2)
+    cos_r, sin_r = R.rope_cache(pos, n_rot, 500.0, 0.5, dtype, freq_factors=ff, mscale=1.2)
+    assert cos.shape == (B, T, n_rot // 2)
+    close(cos, cos_r, dtype)
+    close(sin, sin_r, dtype)
+    x, d = rnd(rng, B, T, H, D, dtype=dtype), rnd(rng, B, H, T, D, dtype=dtype)
+    out = K.rope_forward(x, cos, sin, n_rot, neox=neox)
+    close(out, R.rope_forward(x, cos, sin, n_rot, neox=neox), dtype)
+    close(K.rope_backward(d, cos, sin, n_rot, neox=neox), R.rope_backward(d, cos, sin, n_rot, neox=neox), dtype)
+    assert np.array_equal(out[..., n_rot:], x.transpose(0, 2, 1, 3)[..., n_rot:])  # the rest is copied
+    assert np.array_equal(out[1, :, 4], K.rope_forward(x, cos, sin, n_rot, neox=neox)[1, :, 4])
+    # a row restarted at position 0 is rotated like position 0 of the first row
+    close(out[1, :, 4], K.rope_forward(x[1:, 4:5], cos[:1, :1], sin[:1, :1], n_rot, neox=neox)[0, :, 0], dtype)
+
+
+def test_rope_neox_gradient_finite_differences():
+    rng = np.random.default_rng(13)
+    B, T, H, D, n_rot = 2, 5, 2, 6, 4
+    cos, sin = K.rope_cache(np.arange(T), n_rot, 100.0, 1.0, np.float64, freq_factors=[1.0, 2.5], mscale=0.9)
+    x, R_ = rnd(rng, B, T, H, D), rnd(rng, B, H, T, D)
+    dx = K.rope_backward(R_, cos, sin, n_rot, neox=True)
+    fd_check(lambda: np.sum(K.rope_forward(x, cos, sin, n_rot, neox=True) * R_), [x], [dx])
+
+
 # -- LoRA update -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -238,6 +271,88 @@ def test_swiglu_gradients_finite_differences():
 def qkv(rng, B, Hq, Hkv, T, D, dtype):
     return (rnd(rng, B, Hq, T, D, dtype=dtype), rnd(rng, B, Hkv, T, D, dtype=dtype),
             rnd(rng, B, Hkv, T, D, dtype=dtype), rnd(rng, B, Hq, T, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_geglu_matches_reference(dtype):
+    rng = np.random.default_rng(14)
+    g, u, dh = (rnd(rng, 7, 13, dtype=dtype, s=3.0) for _ in range(3))
+    close(K.geglu_forward(g, u), R.geglu_forward(g, u), dtype)
+    for a, b in zip(K.geglu_backward(dh, g, u), R.geglu_backward(dh, g, u)):
+        close(a, b, dtype)
+
+
+def test_geglu_gradients_finite_differences():
+    rng = np.random.default_rng(15)
+    g, u, R_ = rnd(rng, 4, 5, s=2.0), rnd(rng, 4, 5), rnd(rng, 4, 5)
+    dg, du = K.geglu_backward(R_, g, u)
+    fd_check(lambda: np.sum(K.geglu_forward(g, u) * R_), [g, u], [dg, du])
+
+
+def starts(B: int, T: int):
+    """lo [B, T]: row 0 a sliding window of 3, row 1 three packed records (the last also windowed)."""
+    seg = np.zeros((B, T), dtype=np.int64)
+    seg[1, 5:] = 5
+    seg[1, 12:] = 12
+    lo = K.key_starts(B, T, 3, seg)
+    lo[1, :12] = seg[1, :12]  # records 1 and 2 without the window
+    return lo
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv", [(6, 2), (4, 4)])
+def test_attention_with_key_starts_matches_reference(dtype, Hq, Hkv):
+    """Query t sees keys lo[b, t]..t (sliding window, packed records): flash and materialized
+    against the reference, and each packed record equal to the record alone in its own row."""
+    rng = np.random.default_rng(16)
+    B, T, D = 2, 17, 8
+    q, k, v, do = qkv(rng, B, Hq, Hkv, T, D, dtype)
+    lo = starts(B, T)
+    scale = 1.0 / np.sqrt(D)
+    out, probs = K.attention_forward(q, k, v, scale, lo=lo)
+    out_r, probs_r = R.attention_forward(q, k, v, scale, lo=lo)
+    close(out, out_r, dtype)
+    close(probs, probs_r, dtype)
+    for a, b in zip(K.attention_backward(do, q, k, v, probs, scale, lo=lo),
+                    R.attention_backward(do, q, k, v, probs, scale, lo=lo)):
+        close(a, b, dtype)
+    fout, lse = K.flash_attention_forward(q, k, v, scale, lo=lo)
+    close(fout, out_r, dtype)
+    close(lse, R.flash_attention_forward(q, k, v, scale, lo=lo)[1], dtype)
+    for a, b in zip(K.flash_attention_backward(do, q, k, v, fout, lse, scale, lo=lo),
+                    R.flash_attention_backward(do, q, k, v, fout, lse, scale, lo=lo)):
+        close(a, b, dtype)
+    # packed record 5..11 of row 1 == the same record alone (positions as given: RoPE is outside)
+    sl = slice(5, 12)
+    alone, _ = K.flash_attention_forward(q[1:, :, sl], k[1:, :, sl], v[1:, :, sl], scale)
+    close(fout[1:, :, sl], alone, dtype)
+    assert np.array_equal(K.flash_attention_forward(q, k, v, scale, lo=lo, block_q=1)[0], fout)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_attention_with_key_starts_gradients_finite_differences(flash):
+    rng = np.random.default_rng(17)
+    B, T, D = 2, 17, 3
+    q, k, v, R_ = qkv(rng, B, 4, 2, T, D, np.float64)
+    lo = starts(B, T)
+    if flash:
+        out, lse = K.flash_attention_forward(q, k, v, 0.7, block_q=2, lo=lo)
+        grads = K.flash_attention_backward(R_, q, k, v, out, lse, 0.7, lo=lo)
+        fwd = lambda: K.flash_attention_forward(q, k, v, 0.7, block_q=2, lo=lo)[0]  # noqa: E731
+    else:
+        out, probs = K.attention_forward(q, k, v, 0.7, lo=lo)
+        grads = K.attention_backward(R_, q, k, v, probs, 0.7, lo=lo)
+        fwd = lambda: K.attention_forward(q, k, v, 0.7, lo=lo)[0]  # noqa: E731
+    fd_check(lambda: np.sum(fwd() * R_), [q, k, v], grads)
+
+
+def test_key_starts_rejects_keys_a_query_cannot_have():
+    q, k, v, _ = qkv(np.random.default_rng(1), 1, 2, 2, 4, 3, np.float64)
+    for bad in ([[0, 2, 1, 1]], [[0, 0, 3, 3]], [[-1, 0, 0, 0]]):  # decreasing; past the diagonal; negative
+        with pytest.raises(ValueError, match="lo must be"):
+            K.flash_attention_forward(q, k, v, 1.0, lo=np.array(bad))
+    assert K.key_starts(2, 4) is None
+    assert K.key_starts(1, 4, window=2).tolist() == [[0, 0, 1, 2]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -77,6 +77,10 @@ def test_attend_cached_matches_reference(dtype, p0, T):
     want = attend_cached_ref(q, kT, v, p0, 0.35)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    kT[:, :, :max(0, p0 - 1)] = np.nan  # a window of 3 keys never reads further back than p0 - 2
+    v[:, :max(0, p0 - 1)] = np.nan
+    np.testing.assert_allclose(attend_cached(q, kT, v, p0, 0.35, window=3),
+                               attend_cached_ref(q, kT, v, p0, 0.35, window=3), rtol=tol, atol=tol)
 
 
 # -- incremental decoding == the full forward pass --------------------------------------------------------
@@ -92,6 +96,29 @@ def test_incremental_logits_equal_full_forward_with_lora(gqa_path, dtype, tol):
     # the adapter matters: without it the logits are different
     plain = load_model(gqa_path, dtype=dtype).logits(ids)
     assert np.abs(plain - full).max() > 100 * tol * scale
+
+
+FAMILIES = {  # every family's graph pieces; gemma3 with local layers (window 4) and a soft-capped head
+    "qwen2": dict(), "qwen3": dict(head_dim=6), "phi3": dict(n_rot=4, rope_factors=True),
+    "gemma3": dict(n_layer=3, head_dim=8, tied=True, sliding_window=4, swa_pattern=2, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_incremental_logits_equal_full_forward_every_family(tmp_path, arch):
+    base = dict(n_vocab=300, n_embd=32, n_ff=48, n_layer=2, n_head=4, n_head_kv=2, n_ctx_train=64, seed=5, std=0.3)
+    spec = SyntheticSpec(**(base | FAMILIES[arch]), arch=arch)
+    path = write_synthetic_model(tmp_path / f"{arch}.gguf", spec)
+    model = model_with_lora(path, np.float64)
+    ids = np.random.default_rng(1).integers(0, model.hparams.n_vocab, 13)
+    full = model.logits(ids)
+    np.testing.assert_allclose(decode_rows(model, ids, n_prefill=3, n_ctx=16), full, rtol=0, atol=1e-10)
+    quant = load_model(path, dtype=np.float32)  # the quantized-block path on F32 weights, one token at a time
+    quant.lora = random_lora(quant.hparams, np.float32)
+    dec = Decoder.for_model(quant, n_ctx=16)
+    assert dec.quantized
+    inc = np.concatenate([dec.eval([t]) for t in ids])
+    np.testing.assert_allclose(inc, full, rtol=0, atol=2e-4 * max(1.0, float(np.abs(full).max())))
 
 
 def test_prefill_in_pieces_and_low_memory_weights_agree(gqa_path):
