@@ -69,9 +69,11 @@ def instrument(timers: Timers):
     FW.K = wrapped
     BW.K = wrapped
 
-    def linear_forward(x, W, lora):
+    def linear_forward(x, W, lora, bias=None):
         t0 = time.perf_counter()
         y = x @ W.T
+        if bias is not None:
+            y += bias
         t1 = time.perf_counter()
         timers.add("layer products, forward", t1 - t0, 2.0 * x.shape[0] * W.shape[0] * W.shape[1])
         if lora is None:

@@ -116,6 +116,8 @@ def base(tmp_path_factory) -> Path:
     _lora_files(d, "wide.gguf", "wide")
     _lora_files(d, "bigvocab.gguf", "bigvocab")
     _lora_files(d, "m.gguf", "mamba", arch="mamba")
+    write_synthetic_model(d / "phi3.gguf", _spec(arch="phi3"))  # fused q/k/v: no attn_q
+    write_synthetic_model(d / "qwen3.gguf", _spec(arch="qwen3"))
     # outputs of an "earlier run" that no failing command may touch
     (d / "out").mkdir()
     for name in ("chk-1.gguf", "chk-LATEST.gguf"):
@@ -164,6 +166,14 @@ def _tensor_name_over(data: bytes, src: str, dst: str) -> bytes:
     out = bytearray(data)
     out[b.offset:b.offset + b.size] = data[a.offset:a.offset + a.size]
     return bytes(out)
+
+
+def _rename_tensor(data: bytes, name: str, new: str) -> bytes:
+    """The tensor ``name`` renamed to ``new`` (same length): the file lacks a tensor called ``name``."""
+    slot = next(s for s in fuzz.gguf_layout(data).slots if s.kind == "name" and s.label == "tensor name length"
+                and data[s.offset:s.offset + s.size].decode() == name)
+    assert len(new) == slot.size
+    return data[:slot.offset] + new.encode() + data[slot.offset + slot.size:]
 
 
 def _last_offset(data: bytes, value: int) -> bytes:
@@ -427,6 +437,18 @@ def _build_cases() -> list[Case]:
                  r"made for another model \(llama.embedding_length = 64, the model has 32\)", "fix.gguf",
                  _copy(str(fixture_ck), "fix.gguf"), slow=True),
         ]
+    # -- model families: what a family has and needs ------------------------------------------------
+    cases += [
+        Case("rank-flag-of-another-family", ft("--rank-wq", "2", model_base="phi3.gguf"), 2,
+             r"--rank-wq: a phi3 model has no 'attn_q' tensor \(its matrices take .*--rank-wqkv", "--rank-wq"),
+        Case("legacy-bin-for-another-family", ft(model_base="qwen3.gguf", lora_format="ggla"), 2,
+             r"--lora-format ggla: llama.cpp's legacy .bin adapters are for llama models, this one is 'qwen3'",
+             "--lora-format"),
+        Case("model-lacks-a-tensor-of-its-family", ft(model_base="bad.gguf"), 1,
+             r"missing tensor 'blk.1.attn_q_norm.weight'", "bad.gguf",
+             _copy("qwen3.gguf", "bad.gguf",
+                   lambda d: _rename_tensor(d, "blk.1.attn_q_norm.weight", "blk.1.attn_x_norm.weight"))),
+    ]
     # -- made for another model: refused before training starts -----------------------------------
     cases += [
         Case("checkpoint-other-architecture", ft(checkpoint_in="mamba.ckpt.gguf"), 1,

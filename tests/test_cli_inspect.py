@@ -196,3 +196,18 @@ def test_tokenize_errors(tmp_path, capsys):
                                (["tokenize", "-m", str(tmp_path / "no.gguf"), "-p", "x"], 1, "not found")):
         got, out, err = run(argv, capsys)
         assert got == code and len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3", "phi3"])
+def test_inspect_shows_the_family_and_whether_it_trains(arch, testdata, capsys):
+    info = inspect_json(testdata / "arch" / f"tiny-{arch}-q8_0.gguf", capsys)
+    assert info["architecture"] == arch and info["trainable"] and info["why_not_trainable"] is None
+    code, out, _ = run(["inspect", str(testdata / "arch" / f"tiny-{arch}-q8_0.gguf")], capsys)
+    assert code == 0 and f"architecture:      {arch}\n" in out and "trainable here:    yes\n" in out
+
+
+def test_inspect_says_what_a_family_lacks(tmp_path, testdata, capsys):
+    data = (testdata / "arch" / "tiny-qwen3-q8_0.gguf").read_bytes()
+    (tmp_path / "q.gguf").write_bytes(data.replace(b"blk.1.attn_q_norm.weight", b"blk.1.attn_x_norm.weight"))
+    info = inspect_json(tmp_path / "q.gguf", capsys)
+    assert not info["trainable"] and info["why_not_trainable"] == "missing tensor 'blk.1.attn_q_norm.weight'"

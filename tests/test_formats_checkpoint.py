@@ -8,6 +8,7 @@ import shlex
 import shutil
 
 import numpy as np
+import pytest
 
 from gguf_finetune.formats.checkpoint import read_checkpoint, write_checkpoint
 from gguf_finetune.gguf_io import open_gguf
@@ -109,3 +110,27 @@ def test_our_checkpoint_has_llamacpps_layout(testdata, tmp_path, monkeypatch):
         return {n: (tuple(int(x) for x in t.shape), int(t.tensor_type)) for n, t in f.tensors.items()}
 
     assert tensors(ours) == tensors(theirs)
+
+
+@pytest.mark.parametrize("arch,extra", [("qwen2", {}), ("qwen3", {"head_dim": 6}), ("phi3", {"n_rot": 2}),
+                                        ("gemma3", {"head_dim": 8, "tied": True, "sliding_window": 4})])
+def test_every_family_round_trips_with_and_without_the_model(tmp_path, arch, extra):
+    """A checkpoint of any family reads back the same, also without the model (its layout comes from
+    the checkpoint's own keys: head_dim, fused tensors)."""
+    from gguf_finetune.synthetic import SyntheticSpec, write_synthetic_model
+
+    spec = SyntheticSpec(n_vocab=300, n_embd=16, n_ff=24, n_head=4, n_head_kv=2, arch=arch, **extra)
+    hp = read_hparams(open_gguf(write_synthetic_model(tmp_path / "m.gguf", spec)))
+    ranks = LoraRanks.uniform(2, norm_rank=1)
+    lora = init_lora(hp, ranks, alpha=4.0, seed=1)
+    lora.flat[...] = np.random.default_rng(1).standard_normal(lora.flat.size).astype(np.float32)
+    path = tmp_path / "chk.gguf"
+    write_checkpoint(path, hp, 16, ranks, lora, OptimizerState.zeros(lora.layout.size), TrainState())
+    for model_hp in (hp, None):
+        c = read_checkpoint(path, model_hp)
+        assert c.lora.layout.same_as(lora.layout)
+        np.testing.assert_array_equal(c.lora.flat, lora.flat)
+    names = {s.name for s in lora.layout.specs}
+    assert ("blk.0.attn_qkv.weight" in names) == (arch == "phi3")
+    assert lora.layout.by_name["blk.0.attn_q.weight" if arch != "phi3" else "blk.0.attn_qkv.weight"].n_out == \
+        hp.lora_dims("attn_q" if arch != "phi3" else "attn_qkv")[0]

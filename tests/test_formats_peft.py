@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import needs
 
+from conftest import needs
 from gguf_finetune.errors import UserError
 from gguf_finetune.formats.adapter_gguf import write_adapter_gguf
 from gguf_finetune.formats.convert import run_convert
@@ -165,3 +165,31 @@ def test_bin_and_checkpoint_convert(testdata, tmp_path):
         np.testing.assert_array_equal(a.b[s.name], ref.b[s.name])
     res = run_convert(fx / "chk-tiny-4.gguf", tmp_path / "c.bin")
     assert (tmp_path / "c.bin").read_bytes() == (fx / "lora-tiny-4.bin").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "phi3"])
+def test_families_use_their_module_names_and_keep_hf_row_order(tmp_path, arch):
+    """NeoX families keep HF's q/k row order (no permutation, no head counts needed); Phi-3's fused
+    tensors are PEFT's qkv_proj and gate_up_proj; reading the folder back gives the adapter."""
+    spec = SyntheticSpec(n_vocab=300, n_embd=48, n_ff=64, n_head=6, n_head_kv=2, arch=arch,
+                         **({"head_dim": 8} if arch == "gemma3" else {}))
+    path = write_synthetic_model(tmp_path / "m.gguf", spec)
+    hp = read_hparams(open_gguf(path))
+    lora = _lora(hp)
+    dropped = write_peft(tmp_path / "peft", lora, arch=arch)  # no head counts: nothing is permuted
+    assert dropped == []
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    want = {"phi3": ["down_proj", "embed_tokens", "gate_up_proj", "lm_head", "o_proj", "qkv_proj"],
+            "qwen2": ["down_proj", "embed_tokens", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj",
+                      "v_proj"]}
+    want["gemma3"] = want["qwen2"]
+    assert cfg["target_modules"] == want[arch]
+    tensors, meta = read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")
+    assert meta["gguf_finetune.arch"] == arch
+    q = "self_attn.qkv_proj" if arch == "phi3" else "self_attn.q_proj"
+    name = "blk.0.attn_qkv.weight" if arch == "phi3" else "blk.0.attn_q.weight"
+    np.testing.assert_array_equal(tensors[f"base_model.model.model.layers.0.{q}.lora_B.weight"], lora.b[name])
+    back = read_peft(tmp_path / "peft", hp)
+    for s in lora.layout.specs:
+        np.testing.assert_allclose(back.b[s.name] * back.scales[s.name], lora.b[s.name] * lora.scales[s.name])
+        np.testing.assert_array_equal(back.a[s.name], lora.a[s.name])

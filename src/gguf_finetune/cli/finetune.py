@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..arch import PRINT_ORDER, TARGET_BY_KEY
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from .common import keep_freed_memory, run_main, set_threads
 from .finetune_args import FinetuneArgs, parse_finetune_args
 from .preflight import (
@@ -48,6 +48,12 @@ def resolve_ranks(a: FinetuneArgs, hp, ckpt):
 
     ranks = a.lora.resolved_ranks()
     given = a.lora.given_ranks()
+    spec = hp.spec
+    for k in given:
+        t = TARGET_BY_KEY[k]
+        if not spec.has_target(t):
+            have = ", ".join(x.flag for x in spec.targets() if not x.is_norm)
+            raise UsageError(f"{t.flag}: a {hp.arch} model has no '{t.tensor}' tensor (its matrices take {have})")
     if ckpt is not None:
         for k, v in vars(ckpt.ranks).items():
             if k in given and ranks[k] != v:
@@ -165,8 +171,9 @@ def _template_loader(a: FinetuneArgs, model, path: str):
         # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..data.chat_template import GGUF_KEY, file_time, load_chat_template
 
+        hp = model.hparams
         return load_chat_template(a.data.chat_template, model.gguf.get(GGUF_KEY, None), model.tokenizer,
-                                  file_time(path))
+                                  file_time(path), family=(hp.arch, hp.spec.chat_template))
     return make
 
 
@@ -338,6 +345,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     from ..api import load_model
     from ..data.batches import ShuffleState
     from ..formats.checkpoint import read_checkpoint
+    from ..formats.ggla import ARCHS as GGLA_ARCHS
     from ..gguf_io import check_regular_file
     from ..lora import LoraLayout, init_lora, make_specs
     from ..model import HParamOverrides
@@ -365,6 +373,9 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     model = load_model(a.model.model_base, overrides=overrides, memory_budget=budget,
                        cache_head=not a.train.checkpointing)
     hp = model.hparams
+    if fmt == "ggla" and hp.arch not in GGLA_ARCHS:
+        raise UsageError(f"--lora-format ggla: llama.cpp's legacy .bin adapters are for llama models, this one is "
+                         f"'{hp.arch}'; write a GGUF adapter (--lora-format gguf, a .gguf --lora-out)")
     seed = a.run.seed if a.run.seed >= 0 else int(time.time()) & 0xFFFFFFFF
     _say(f"main: seed: {seed}")
     _say(f"main: model base = '{a.model.model_base}'")

@@ -112,7 +112,9 @@ def prompt_ids(model, text: str, chat: bool, chat_template: str | None) -> list[
         # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..data.chat_template import GGUF_KEY, load_chat_template
 
-        tpl = load_chat_template(chat_template, model.gguf.get_str(GGUF_KEY, "") or None, tok)
+        hp = model.hparams
+        tpl = load_chat_template(chat_template, model.gguf.get_str(GGUF_KEY, "") or None, tok,
+                                 family=(hp.arch, hp.spec.chat_template))
         text = tpl.render([{"role": "user", "content": text}], add_generation_prompt=True)
         add_bos = tok.add_bos and not (tpl.bos_token and text.startswith(tpl.bos_token))
         return tok.tokenize(text, add_bos=add_bos, special=True)

@@ -137,10 +137,15 @@ def _hparams(f: GGUFFile, arch: str, checkpoint: bool) -> dict[str, Any]:
         "n_head": n_head,
         "n_head_kv": _scalar(f, a + "attention.head_count_kv", n_head),
     })
-    n_rot = _scalar(f, a + "rope.dimension_count")
+    n_rot = _scalar(f, a + "rope.dimension_count", _scalar(f, a + "attention.key_length"))
     if n_rot is None and isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0:
         n_rot = n_embd // n_head
     hp["n_rot"] = n_rot
+    for key, name in (("attention.key_length", "head_dim"), ("attention.sliding_window", "sliding_window"),
+                      ("final_logit_softcapping", "final_logit_softcapping")):
+        v = _scalar(f, a + key)
+        if v is not None:
+            hp[name] = v
     hp["rope_freq_base"] = _scalar(f, a + "rope.freq_base", 10000.0)
     factor = _scalar(f, a + "rope.scaling.factor") or _scalar(f, a + "rope.scale_linear")
     hp["rope_freq_scale"] = 1.0 / factor if isinstance(factor, (int, float)) and factor > 0 else 1.0
@@ -162,11 +167,28 @@ def _n_vocab(f: GGUFFile, arch: str) -> int | None:
     return None
 
 
+def _why_not_trainable(f: GGUFFile, arch: str, unsupported_types: list[str]) -> str | None:
+    """None when finetune can train this model, else the reason in a few words: a family that is not
+    in the table, or what the family needs that the file lacks (headers only; nothing is read)."""
+    if arch not in SUPPORTED:
+        return f"the architecture '{arch or '?'}' is not supported (supported: {', '.join(SUPPORTED)})"
+    if unsupported_types:
+        return f"tensor types {', '.join(unsupported_types)} are not supported"
+    from ..model import check_tensors, read_hparams  # lazy: model loads numba, not needed for the rest
+
+    try:
+        check_tensors(f, read_hparams(f))
+    except UserError as e:
+        return str(e).split("': ", 1)[-1]
+    return None
+
+
 def _describe_model(f: GGUFFile) -> dict[str, Any]:
     info = _common(f, "model")
     arch = info["architecture"] or ""
     info["unsupported_tensor_types"] = _unsupported_types(f)
-    info["trainable"] = arch in SUPPORTED and not info["unsupported_tensor_types"]
+    info["why_not_trainable"] = _why_not_trainable(f, arch, info["unsupported_tensor_types"])
+    info["trainable"] = info["why_not_trainable"] is None
     info["parameters"] = _n_elements(f, f.tensors)
     info["hparams"] = _hparams(f, arch, checkpoint=False)
     info["tied_embeddings"] = "token_embd.weight" in f.tensors and "output.weight" not in f.tensors
@@ -344,10 +366,10 @@ def render(info: dict[str, Any]) -> str:
         ("kind", KIND_TEXT.get(info["kind"], info["kind"])),
     ]
     if info.get("architecture") is not None:
-        arch = info["architecture"]
-        if info["kind"] == "model" and not info.get("trainable"):
-            arch += " (not supported for training here)"
-        rows.append(("architecture", arch))
+        rows.append(("architecture", info["architecture"]))
+    if info["kind"] == "model":
+        why = info.get("why_not_trainable")
+        rows.append(("trainable here", "yes" if why is None else f"no: {why}"))
     if info.get("name"):
         rows.append(("name", info["name"]))
     kind = info["kind"]

@@ -113,13 +113,17 @@ def _load_jsonl(args: PreviewArgs, path: str, n_show: int):
     tok = load_tokenizer(args.model)
     template = None
     if needs_template(records):
-        gguf_template = None
+        gguf_template, family = None, None
         if not args.chat_template:
             # lazy: loaded once the flags are parsed (fast --help and usage errors)
+            from ..arch import get_arch
             from ..gguf_io import open_gguf
 
-            gguf_template = open_gguf(args.model).get(GGUF_KEY, None)
-        template = load_chat_template(args.chat_template, gguf_template, tok, file_time(path))
+            f = open_gguf(args.model)
+            gguf_template = f.get(GGUF_KEY, None)
+            arch = f.get_str("general.architecture", "")
+            family = (arch, get_arch(arch).chat_template) if get_arch(arch) else None
+        template = load_chat_template(args.chat_template, gguf_template, tok, file_time(path), family=family)
     encoded = encode_records(records, tok, template, args.train_on_prompt, path)
     kinds = count_kinds(records)
     row = args.n_ctx + 1

@@ -287,9 +287,11 @@ def read_template_file(path: str) -> str:
     return text
 
 
-def template_source(spec: str | None, gguf_template: str | None) -> tuple[str, str]:
+def template_source(spec: str | None, gguf_template: str | None, family: tuple[str, str | None] | None = None
+                    ) -> tuple[str, str]:
     """(source, description) for ``--chat-template`` ``spec`` (a built-in name or a file) or, without
-    it, the model's own template."""
+    it, the model's own template, or when the model has none its family's built-in one (``family``:
+    (architecture, built-in name or None))."""
     if spec:
         if spec in BUILTIN_TEMPLATES:
             return BUILTIN_TEMPLATES[spec], f"built-in '{spec}'"
@@ -299,6 +301,8 @@ def template_source(spec: str | None, gguf_template: str | None) -> tuple[str, s
                         f"({', '.join(BUILTIN_TEMPLATES)}) nor an existing file")
     if gguf_template:
         return gguf_template, f"the model's {GGUF_KEY}"
+    if family is not None and family[1] in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[family[1]], f"built-in '{family[1]}' ({family[0]}'s format; the model has no {GGUF_KEY})"
     raise UserError(f"the model has no {GGUF_KEY}, so its chat records cannot be rendered: give "
                     f"--chat-template NAME ({', '.join(BUILTIN_TEMPLATES)}) or --chat-template FILE")
 
@@ -310,9 +314,10 @@ def special_token_text(tok, token_id: int | None) -> str:
     return tok.token_to_piece(int(token_id), special=True).decode("utf-8", errors="replace")
 
 
-def load_chat_template(spec: str | None, gguf_template: str | None, tok, now: datetime | None = None) -> ChatTemplate:
+def load_chat_template(spec: str | None, gguf_template: str | None, tok, now: datetime | None = None,
+                       family: tuple[str, str | None] | None = None) -> ChatTemplate:
     """Resolve and compile the template (see :func:`template_source`) with the tokenizer's BOS/EOS texts."""
-    source, name = template_source(spec, gguf_template)
+    source, name = template_source(spec, gguf_template, family)
     return ChatTemplate(source, name, special_token_text(tok, tok.bos_id), special_token_text(tok, tok.eos_id), now)
 
 

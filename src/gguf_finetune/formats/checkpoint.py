@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..arch import TARGETS, get_arch
+from ..arch import SUPPORTED, TARGETS, get_arch
 from ..errors import UserError
 from ..gguf_io import GGUFFile, write_gguf_atomic
 from ..lora import LoraLayout, LoraParams, LoraRanks, make_specs
-from ..model import HParams
+from ..model import MAX_DIM, HParams
 from ..optim import OptimizerState, llamacpp_param_order
 from ..trainer import TrainState
 
@@ -63,22 +63,28 @@ def _hparams_for_layout(f: GGUFFile, hp: HParams | None) -> HParams:
         if name in f.tensors:
             n_vocab = f.tensor_shape(name)[0]
     arch = f.get_str("general.architecture", "llama")
+    if get_arch(arch) is None:
+        raise UserError(f"checkpoint '{f.path}': architecture '{arch}' is not supported (supported: "
+                        f"{', '.join(SUPPORTED)})")
     a = arch + "."
     dims = {key: f.get_int(a + key) for key in ("embedding_length", "attention.head_count",
                                                    "feed_forward_length", "block_count")}
     dims["attention.head_count_kv"] = f.get_int(a + "attention.head_count_kv", dims["attention.head_count"])
+    head_dim = f.get_int(a + "attention.key_length", 0)
+    if head_dim:
+        dims["attention.key_length"] = head_dim
     for key, val in dims.items():
-        if not 0 < val <= 1 << 24:
+        if not 0 < val <= MAX_DIM:
             raise UserError(f"checkpoint '{f.path}': metadata '{a}{key}' = {val} is out of range")
     n_embd, n_head, n_head_kv = (dims[k] for k in ("embedding_length", "attention.head_count",
                                                    "attention.head_count_kv"))
-    if n_embd % n_head or n_head % n_head_kv:
+    if n_head % n_head_kv or (not head_dim and n_embd % n_head):
         raise UserError(f"checkpoint '{f.path}': n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv} "
                         f"do not divide evenly")
     return HParams(
         n_vocab=n_vocab, n_ctx_train=f.get_int(f"{arch}.context_length", 0), n_embd=n_embd,
         n_ff=dims["feed_forward_length"], n_layer=dims["block_count"], n_head=n_head, n_head_kv=n_head_kv,
-        n_rot=f.get_int(f"{arch}.rope.dimension_count", n_embd // n_head), arch=arch,
+        n_rot=f.get_int(f"{arch}.rope.dimension_count", head_dim or n_embd // n_head), arch=arch, head_dim=head_dim,
     )
 
 
@@ -136,8 +142,9 @@ def check_matches_model(f: GGUFFile, hp: HParams) -> None:
     a = arch + "."
     for key, want in (("embedding_length", hp.n_embd), ("feed_forward_length", hp.n_ff),
                       ("block_count", hp.n_layer), ("attention.head_count", hp.n_head),
-                      ("attention.head_count_kv", hp.n_head_kv)):
-        got = f.get_int(a + key, want)
+                      ("attention.head_count_kv", hp.n_head_kv), ("attention.key_length", hp.head_dim)):
+        default = hp.n_embd // hp.n_head if key == "attention.key_length" else want  # (absent: n_embd / n_head)
+        got = f.get_int(a + key, default)
         if got != want:
             raise UserError(f"checkpoint '{f.path}': made for another model ({a}{key} = {got}, the model has {want})")
     for name in ("token_embd.weight.lora_b", "output.weight.lora_b"):
@@ -261,6 +268,9 @@ def write_checkpoint(path: str | os.PathLike, hp: HParams, n_ctx: int, ranks: Lo
         w.add_uint32(f"{arch}.attention.head_count_kv", hp.n_head_kv)
         w.add_uint32(f"{arch}.block_count", hp.n_layer)
         w.add_uint32(f"{arch}.rope.dimension_count", hp.n_rot)
+        if hp.head_dim * hp.n_head != hp.n_embd:  # (llama.cpp's own finetune never needed these)
+            w.add_uint32(f"{arch}.attention.key_length", hp.head_dim)
+            w.add_uint32(f"{arch}.attention.value_length", hp.head_dim)
         w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", hp.rms_eps)
         w.add_float32(f"{arch}.rope.freq_base", hp.rope_freq_base)
         w.add_float32(f"{arch}.rope.scale_linear", 1.0 / hp.rope_freq_scale)

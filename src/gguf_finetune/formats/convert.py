@@ -121,7 +121,8 @@ def run_convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None =
     else:
         n_head = hp.n_head if hp is not None else meta.get("n_head")
         n_head_kv = hp.n_head_kv if hp is not None else meta.get("n_head_kv")
-        dropped = write_peft(dst, lora, n_head, n_head_kv, base_model=base_model)
+        arch = hp.arch if hp is not None else meta.get("arch", "llama")
+        dropped = write_peft(dst, lora, n_head, n_head_kv, base_model=base_model, arch=arch)
         msg = (f"warning: the PEFT adapter leaves out {len(dropped)} tensors PEFT cannot adapt "
                f"({', '.join(s.name for s in dropped[:3])}{', …' if len(dropped) > 3 else ''})") if dropped else None
     kept = [s for s in lora.layout.specs if s not in dropped]

@@ -35,6 +35,7 @@ from ..model import HParams
 from .common import GGLA_MAGIC, check_shapes, file_order, params_from_factors
 
 VERSION = 1
+ARCHS = ("llama",)  # the only family llama.cpp's finetune trained: its .bin adapters hold no architecture
 ALIGN = 32
 _TYPES = {0: ("F32", np.dtype("<f4")), 1: ("F16", np.dtype("<f2"))}
 MAX_NAME = 64  # GGML_MAX_NAME

@@ -1,6 +1,8 @@
 """Hugging Face PEFT LoRA adapters (a folder with ``adapter_model.safetensors`` + ``adapter_config.json``).
 
-Names (llama; keys as PEFT saves them, adapter name removed)::
+Module names come from the table of architectures (arch.TARGETS and each family's renames: Phi-3's
+fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``).  Names (llama; keys as PEFT saves them,
+adapter name removed)::
 
     base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_A.weight   [r, n_in]
     base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_B.weight   [n_out, r]
@@ -13,11 +15,12 @@ Linear: ΔW = s·B·A, so our a = Aᵀ, b = B.  Embedding: ΔE = s·(B·A)ᵀ, s
 a = B [n_embd, r].  Scale s = alpha/r per module (``alpha_pattern``/``rank_pattern`` override
 ``lora_alpha``/``r``; ``use_rslora``: alpha/√r).  Norm adapters have no PEFT form: left out.
 
-RoPE row order: convert_hf_to_gguf.py stores Q and K rows permuted (``permute``:
-reshape(n_head, 2, head_dim/2, …).swapaxes(1, 2)), n_head for Q and n_head_kv for K.  The
-row permutation moves with B: writing PEFT applies the inverse to B of attn_q/attn_k, reading
-applies the permutation.  Head counts come from the caller (``--base``), or from our own
-``gguf_finetune.n_head``/``n_head_kv`` entries in the safetensors metadata.
+RoPE row order: for llama, convert_hf_to_gguf.py stores Q and K rows permuted (``permute``:
+reshape(n_head, 2, head_dim/2, …).swapaxes(1, 2)), n_head for Q and n_head_kv for K (the NeoX
+families keep HF's order: Arch.permute_qk).  The row permutation moves with B: writing PEFT
+applies the inverse to B of attn_q/attn_k, reading applies the permutation.  Head counts and the
+family come from the caller (``--base``), or from our own ``gguf_finetune.n_head``/``n_head_kv``/
+``arch`` entries in the safetensors metadata.
 
 Writing needs the ``safetensors`` package (imported lazily); reading parses the file directly
 (F32, F16 and BF16 tensors), so it works without it.
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import split_name, target_kind
+from ..arch import ARCHS, ATTN_K, ATTN_Q, TARGET_BY_TENSOR, split_name, target_kind, weight
 from ..errors import UserError
 from ..gguf_io import atomic_path
 from ..lora import LoraParams, LoraSpec
@@ -44,15 +47,13 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 
-# gguf base name -> HF module (relative to the causal LM: model.layers.{i}.… / lm_head)
-_LAYER_MODULES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_MODULES = {"token_embd": "model.embed_tokens", "output": "lm_head"}
-_FROM_LAYER = {v: k for k, v in _LAYER_MODULES.items()}
-_FROM_GLOBAL = {v: k for k, v in _GLOBAL_MODULES.items()}
+# HF module (relative to the causal LM) -> GGUF base name, over every family's names
+_FROM_MODULE: dict[str, str] = {}
+for _a in ARCHS.values():
+    for _t in _a.targets():
+        _m = _a.peft_module(_t)
+        if _m is not None:
+            _FROM_MODULE[_m if not _t.per_layer else "layer." + _m] = _t.tensor
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.\w+|mlp\.\w+)$")
 
 
@@ -78,27 +79,29 @@ def _check_heads(rows: int, n_head: int) -> None:
 
 
 def _heads_for(base: str, n_head: int | None, n_head_kv: int | None) -> int | None:
-    return n_head if base == "attn_q" else n_head_kv if base == "attn_k" else None
+    return n_head if base == ATTN_Q else n_head_kv if base == ATTN_K else None
 
 
 # -- names ------------------------------------------------------------------------------------
 
-def hf_module(name: str) -> str | None:
-    """GGUF base tensor name -> HF module name (None for norms and unknown tensors)."""
+def hf_module(name: str, arch: str = "llama") -> str | None:
+    """GGUF base tensor name -> the family's HF module name (None for norms and unknown tensors)."""
     il, base = split_name(name)
-    if il is None:
-        return _GLOBAL_MODULES.get(base)
-    m = _LAYER_MODULES.get(base)
-    return None if m is None else f"model.layers.{il}.{m}"
+    t = TARGET_BY_TENSOR.get(base)
+    spec = ARCHS[arch]
+    if t is None or not spec.has_target(t) or t.per_layer != (il is not None):
+        return None
+    m = spec.peft_module(t)
+    return m if m is None or il is None else f"model.layers.{il}.{m}"
 
 
 def gguf_name(module: str) -> str | None:
-    """HF module name -> GGUF base tensor name (None when not a llama LoRA target)."""
-    if module in _FROM_GLOBAL:
-        return _FROM_GLOBAL[module] + ".weight"
+    """HF module name -> GGUF base tensor name (None when no family has it as a LoRA target)."""
+    if module in _FROM_MODULE:
+        return weight(_FROM_MODULE[module])
     m = _LAYER_RE.match(module)
-    if m and m.group(2) in _FROM_LAYER:
-        return f"blk.{int(m.group(1))}.{_FROM_LAYER[m.group(2)]}.weight"
+    if m and "layer." + m.group(2) in _FROM_MODULE:
+        return weight(_FROM_MODULE["layer." + m.group(2)], int(m.group(1)))
     return None
 
 
@@ -110,17 +113,18 @@ def _pattern_key(module: str) -> str:
 # -- writing ------------------------------------------------------------------------------------
 
 def write_peft(folder: str | os.PathLike, lora: LoraParams, n_head: int | None = None, n_head_kv: int | None = None,
-               base_model: str | None = None) -> list:
+               base_model: str | None = None, arch: str = "llama") -> list:
     """Write ``lora`` as a PEFT adapter folder (each file atomically); returns the specs left out (norms).
 
-    ``n_head``/``n_head_kv`` are needed when attn_q/attn_k are adapted (RoPE row order).
+    ``arch`` names the modules; ``n_head``/``n_head_kv`` are needed when attn_q/attn_k of a llama
+    model are adapted (RoPE row order).
     """
     try:
         from safetensors.numpy import save_file  # optional: safetensors (the [peft] extra)
     except ImportError:
         raise UserError("writing a PEFT adapter needs the 'safetensors' package (pip install safetensors)") from None
-    keep = [s for s in file_order(lora.layout.specs) if hf_module(s.name) is not None]
-    dropped = [s for s in lora.layout.specs if hf_module(s.name) is None]
+    keep = [s for s in file_order(lora.layout.specs) if hf_module(s.name, arch) is not None]
+    dropped = [s for s in lora.layout.specs if hf_module(s.name, arch) is None]
     if not keep:
         raise UserError(f"PEFT adapter '{folder}': nothing to write — no adapted tensor has a PEFT form "
                         f"({', '.join(s.name for s in dropped)})")
@@ -128,11 +132,11 @@ def write_peft(folder: str | os.PathLike, lora: LoraParams, n_head: int | None =
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for s in keep:
-        module = hf_module(s.name)
+        module = hf_module(s.name, arch)
         a, b = lora.a[s.name], lora.b[s.name]  # [n_in, r], [n_out, r]
         _, base = split_name(s.name)
         heads = _heads_for(base, n_head, n_head_kv)
-        if base in ("attn_q", "attn_k"):
+        if ARCHS[arch].permute_qk and base in (ATTN_Q, ATTN_K):
             if heads is None:
                 raise UserError(f"converting '{s.name}' to PEFT needs the model's head counts: give --base MODEL")
             b = unpermute_rows(b, heads)
@@ -170,7 +174,7 @@ def write_peft(folder: str | os.PathLike, lora: LoraParams, n_head: int | None =
         "use_dora": False,
         "use_rslora": False,
     }
-    meta = {"format": "pt"}
+    meta = {"format": "pt", "gguf_finetune.arch": arch}
     if n_head:
         meta["gguf_finetune.n_head"] = str(n_head)
     if n_head_kv:
@@ -276,6 +280,8 @@ def read_peft(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float
         raise UserError(f"PEFT adapter '{folder}': fully trained modules (modules_to_save = {cfg['modules_to_save']}) "
                         f"cannot be expressed as LoRA")
     tensors, meta = read_safetensors(folder / WEIGHTS)
+    arch = hp.arch if hp is not None else meta.get("gguf_finetune.arch", "llama")
+    permute = ARCHS[arch].permute_qk if arch in ARCHS else True
     n_head = hp.n_head if hp is not None else _int_or_none(meta.get("gguf_finetune.n_head"))
     n_head_kv = hp.n_head_kv if hp is not None else _int_or_none(meta.get("gguf_finetune.n_head_kv"))
     factors: dict[str, dict[str, np.ndarray]] = {}
@@ -297,7 +303,7 @@ def read_peft(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float
     for module, parts in factors.items():
         name = gguf_name(module)
         if name is None:
-            raise UserError(f"PEFT adapter '{folder}': module '{module}' has no llama GGUF counterpart")
+            raise UserError(f"PEFT adapter '{folder}': module '{module}' has no GGUF counterpart in any supported family")
         if set(parts) == {"A", "B"}:
             a, b = parts["A"].T, parts["B"]  # [n_in, r], [n_out, r]
         elif set(parts) == {"eA", "eB"}:
@@ -311,7 +317,7 @@ def read_peft(path: str | os.PathLike, hp: HParams | None = None, dtype=np.float
         alpha = alpha0 if alpha is None else float(alpha)
         scale = alpha / np.sqrt(r) if rslora else alpha / r
         _, base = split_name(name)
-        if unpermute and base in ("attn_q", "attn_k"):
+        if unpermute and permute and base in (ATTN_Q, ATTN_K):
             heads = _heads_for(base, n_head, n_head_kv)
             if heads is None:
                 raise UserError(f"PEFT adapter '{folder}': reading '{module}' needs the model's head counts: give --base MODEL")
