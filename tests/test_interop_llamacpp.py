@@ -328,3 +328,31 @@ def test_llamacpp_rounding_can_blow_up_one_position(smollm2, strong_run, capsys)
 
 def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# -- every family: llama.cpp applies our adapter as we do ------------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "gemma3"])
+def test_tiny_family_adapter_in_llamacpp(testdata, tmp_path, arch, capsys):
+    """A random adapter on every matrix of a tiny F32 model of each family (fused attn_qkv and
+    ffn_up for Phi-3), written as a GGUF adapter: llama.cpp's change of the logits equals ours to
+    1e-4 relative (Gemma 3: llama.cpp's GELU is a float16 table, ~2e-3 off the exact one in both
+    runs, so its bound is 1e-2)."""
+    needs("llama_cpp")
+    from gguf_finetune.formats.adapter_gguf import write_adapter_gguf
+    from gguf_finetune.lora import LoraRanks, init_lora
+
+    base = testdata / "arch" / f"tiny-{arch}-f32.gguf"
+    model = gf.load_model(base)
+    hp = model.hparams
+    lora = init_lora(hp, LoraRanks.uniform(4, tok_embd=0 if hp.tied_embeddings else 4,
+                                           out=0 if hp.tied_embeddings else 4), alpha=8.0, seed=2)
+    lora.flat[...] = np.random.default_rng(2).normal(0, 0.05, lora.flat.size).astype(np.float32)
+    adapter = tmp_path / "a.gguf"
+    assert write_adapter_gguf(adapter, lora, hp) == []
+    ids = np.load(testdata / "arch" / f"tiny-{arch}-f32.npz")["tokens"].tolist()
+    rel, size = delta_error(base, adapter, ids)
+    with capsys.disabled():
+        print(f"\n{arch}: adapter effect {size:.3f} of the logits; llama.cpp vs ours relative L2 {rel:.2e}")
+    assert size > 0.05
+    assert rel <= (1e-2 if arch == "gemma3" else 1e-4)
