@@ -143,3 +143,47 @@ def test_checkpointing_flash_and_weight_cache_do_not_change_gradients(tmp_path_f
         assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
         assert np.linalg.norm(g - ref_g) <= 1e-5 * np.linalg.norm(ref_g), key
     assert np.array_equal(results["stream"][1], results["flash"][1])  # cache or stream: identical
+
+
+# -- packed rows: each record alone in its own row gives the same loss and gradients -------------
+
+def packed_and_alone(hp, seed=3):
+    """Records of 5, 3, 6, 2 and 4 tokens packed into 2 rows of 10 positions (first-fit, one padding
+    position left), and the same records one per row (padded); random trained masks."""
+    from gguf_finetune.data.batches import pack_records
+
+    rng = np.random.default_rng(seed)
+    sizes = np.array([6, 4, 7, 3, 5], dtype=np.int64)  # a record of s tokens takes s - 1 positions
+    begins = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+    tokens = rng.integers(0, hp.n_vocab, int(sizes.sum())).astype(np.int32)
+    trained = (rng.random(tokens.size) < 0.7).astype(np.uint8)
+    p = pack_records(0, begins, sizes, tokens, trained, n_batch=2, n_ctx=10, pad=0)
+    assert p.used == 5 and p.tokens.shape == (2, 10) and (p.weights[:, -1] == 0).any()
+    T = int(sizes.max()) - 1
+    X = np.zeros((5, T), np.int32)
+    Y = np.zeros((5, T), np.int32)
+    W = np.zeros((5, T), np.float64)
+    for i, (b, s) in enumerate(zip(begins, sizes)):
+        X[i, :s - 1], Y[i, :s - 1], W[i, :s - 1] = tokens[b:b + s - 1], tokens[b + 1:b + s], trained[b + 1:b + s]
+    return p, (X, Y, W)
+
+
+@pytest.mark.parametrize("ckpt,flash", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("arch", ["llama-mha", "llama-gqa"] + sorted(set(FAMILY_SPECS) - {"llama"}))
+def test_packed_rows_equal_records_alone(tmp_path_factory, arch, ckpt, flash):
+    if arch.startswith("llama"):
+        hp, w = tiny(tmp_path_factory, gqa=arch == "llama-gqa", tied=False)
+    else:
+        hp, w = family(tmp_path_factory, arch)
+    lora = random_lora(hp, 1, np.float64)
+    p, (X, Y, W) = packed_and_alone(hp)
+    inv = 1.0 / W.sum()
+    assert W.sum() == p.weights.sum()
+    g_packed, g_alone = lora.like(), lora.like()
+    loss_p = loss_and_grad(w, hp, lora, g_packed, p.tokens, p.targets, p.weights.astype(np.float64), inv,
+                           checkpointing=ckpt, flash=flash, pos=p.pos, seg_start=p.seg_start)
+    loss_a = loss_and_grad(w, hp, lora, g_alone, X, Y, W, inv, checkpointing=ckpt, flash=flash)
+    assert abs(loss_p - loss_a) <= 1e-6 * abs(loss_a)
+    assert np.linalg.norm(g_packed.flat - g_alone.flat) <= 1e-6 * np.linalg.norm(g_alone.flat)
+    assert abs(loss_and_grad(w, hp, lora, None, p.tokens, p.targets, p.weights.astype(np.float64), inv, flash=flash,
+                             pos=p.pos, seg_start=p.seg_start) - loss_a) <= 1e-6 * abs(loss_a)

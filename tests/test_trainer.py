@@ -223,6 +223,35 @@ def test_resume_across_epoch_boundary_bit_for_bit(work):
     assert (resumed.opt.iteration, resumed.opt.previous_loss) == (whole.opt.iteration, whole.opt.previous_loss)
 
 
+@pytest.mark.parametrize("data", ["text", "jsonl"])
+def test_resume_with_packed_rows_bit_for_bit(work, data, capsys):
+    """Packed rows (--pack on text; JSONL packs by default) across epochs, with --grad-acc 2: N + N still
+    equals 2N bit for bit, and a batch holds several records."""
+    if data == "jsonl":
+        rows = [{"messages": [{"role": "user", "content": f"the {w} sat"},
+                              {"role": "assistant", "content": f"on the mat {i}"}]} for i, w in enumerate(TEXT.split()[:24])]
+        (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        flags = ("--train-data", "train.jsonl", "--chat-template", "chatml")
+    else:
+        (work / "train.txt").write_text("".join(TEXT.splitlines(keepends=True)[:9]))
+        flags = ("--pack",)
+    flags += ("--save-every", "100", "--grad-acc", "2", "--ctx", "256")
+    N = 3
+    out = finetune(*flags, iters=2 * N, capsys=capsys)
+    assert "main: packed rows: real tokens / computed positions" in out
+    whole = lora_of("chk-LATEST.gguf")
+    assert whole.train.sample_count > 2 * N * 2 * 2  # more records than rows were trained on
+    for f in work.glob("chk-*.gguf"):
+        f.rename(work / ("whole-" + f.name))
+    finetune(*flags, iters=N)
+    finetune(*flags, iters=N)
+    resumed = lora_of("chk-LATEST.gguf")
+    assert resumed.train.iteration == 2 * N and resumed.train.epoch_count >= 1
+    assert np.array_equal(resumed.lora.flat, whole.lora.flat)
+    assert np.array_equal(resumed.opt.m, whole.opt.m) and np.array_equal(resumed.opt.v, whole.opt.v)
+    assert resumed.train == whole.train
+
+
 # -- start, names, metrics -------------------------------------------------------------------------------
 
 

@@ -109,6 +109,9 @@ class DataArgs:
                                               "tokenizer_config.json)")
     train_on_prompt: bool = setting(False, "JSONL data: train on every token, not only the assistant turns / "
                                            "completions")
+    pack: bool | None = setting(None, "pack whole records into the rows of --ctx tokens, each record attending "
+                                      "only to itself (its positions restart at 0): JSONL records, or with --pack "
+                                      "plain-text samples (each with its BOS)")  # None: JSONL yes, text no
 
     @property
     def sample_start_bytes(self) -> bytes:
@@ -274,6 +277,9 @@ FINETUNE_GROUPS: tuple[Group, ...] = (
             default="(default: jsonl for .jsonl/.ndjson files, else text)"),
         opt("--chat-template", "data.chat_template", None, "NAME|FILE", default="(default: the model's own template)"),
         flag("--train-on-prompt", "data.train_on_prompt", None),
+        flag("--pack", "data.pack", None, default="(default: on for JSONL, off for text)"),
+        flag("--no-pack", "data.pack", "one record per row (as llama.cpp's text pipeline; JSONL rows are cut to the "
+             "batch's longest record)", const=False),
         opt("--val-data", "val.val_data", None, "FNAME"),
         opt("--val-split", "val.val_split", None, "F", float_value(0, 1, hi_open=True), default="(default 0: none)"),
         opt("--eval-every", "val.eval_every", None, "N", int_value(0)),
@@ -303,4 +309,9 @@ def parse_finetune_args(argv: Sequence[str], prog: str = "finetune") -> Finetune
         raise UsageError(f"--data-format: expected one of {', '.join(DATA_FORMATS)}, got {args.data.data_format!r}")
     if fmt != args.data.data_format:
         args = replace(args, data=replace(args.data, data_format=fmt))
+    if args.data.pack:
+        for other in ("--fill-with-next-samples", "--sample-random-offsets"):
+            if args.is_given(other):
+                raise UsageError(f"--pack and {other}: give one of them (packed rows hold whole records, each on "
+                                 f"its own)")
     return args

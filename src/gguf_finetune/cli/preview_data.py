@@ -5,6 +5,9 @@ masked as in training; the trained tokens are highlighted (ANSI colour on a term
 otherwise).  ``--json`` prints one object per record instead:
 ``{"line": N, "text": ..., "tokens": [...], "trained": [1/0 per token], "cut": K}`` where ``tokens``
 is what one training row holds (at most ctx+1 tokens) and ``cut`` how many tokens were cut off.
+Then the first batch's rows as finetune packs them (which records share a row, at which offsets;
+``{"row": k, "records": [{"record": i, "line": N, "offset": o, "positions": p}, ...]}`` with --json)
+and the packing efficiency: real tokens and trained tokens per computed position, over an epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class PreviewArgs:
     data_format: str = "auto"
     sample_start: str = ""
     color: bool | None = None  # None: when stdout is a terminal
+    n_batch: int = 8
+    pack: bool | None = None  # None: JSONL yes, text no (as finetune)
 
 
 def preview_parser(prog: str) -> Parser:
@@ -56,6 +61,10 @@ def preview_parser(prog: str) -> Parser:
             opt("--data-format", "data_format", "text or jsonl", "auto|text|jsonl",
                 choice_value("auto", "text", "jsonl"), default="(default: jsonl for .jsonl/.ndjson files)"),
             opt("--sample-start", "sample_start", "plain text only: the sample start pattern (as finetune)", "STR"),
+            opt("-b --batch", "n_batch", "rows per batch (as finetune's --batch), for the packed rows shown", "N",
+                int_value(1, MAX_CTX)),
+            flag("--pack", "pack", "pack records into rows (as finetune --pack)", default="(default: on for JSONL)"),
+            flag("--no-pack", "pack", "one record per row (as finetune --no-pack)", const=False),
             flag("--color", "color", "highlight with ANSI colours even when stdout is not a terminal"),
             flag("--no-color", "color", "mark trained tokens with [[...]] even on a terminal", const=False),
         )),), PreviewArgs())
@@ -105,7 +114,7 @@ class Stats:
 def _load_jsonl(args: PreviewArgs, path: str, n_show: int):
     # lazy: loaded once the flags are parsed (fast --help and usage errors)
     from ..data.chat_template import GGUF_KEY, file_time, load_chat_template
-    from ..data.jsonl import encode_records, needs_template
+    from ..data.jsonl import build_dataset, encode_records, needs_template
     from ..data.records import count_kinds, read_jsonl
     from ..tokenizer import load_tokenizer
 
@@ -131,7 +140,7 @@ def _load_jsonl(args: PreviewArgs, path: str, n_show: int):
             + (f"; chat template: {template.name}" if template else ""))
     stats = Stats(len(encoded), sum(len(e.ids) for e in encoded), sum(int(e.trained[:row].sum()) for e in encoded),
                   sum(1 for e in encoded if len(e.ids) > row), what)
-    return tok, [Shown(e.line, e.kind, e.text, e.ids, e.trained) for e in encoded[:n_show]], stats
+    return tok, [Shown(e.line, e.kind, e.text, e.ids, e.trained) for e in encoded[:n_show]], stats, build_dataset(encoded)
 
 
 def _load_text(args: PreviewArgs, path: str, n_show: int):
@@ -153,7 +162,7 @@ def _load_text(args: PreviewArgs, path: str, n_show: int):
     row = args.n_ctx + 1
     stats = Stats(ds.n_samples, int(sizes.sum()), int((np.minimum(sizes, row) - 1).sum()), int((sizes > row).sum()),
                   f"plain text, sample start {args.sample_start!r}")
-    return tok, shown, stats
+    return tok, shown, stats, ds.as_records(tok.bos_id)
 
 
 def run(argv: list[str], prog: str = "gguf-finetune preview-data") -> int:
@@ -172,7 +181,7 @@ def run(argv: list[str], prog: str = "gguf-finetune preview-data") -> int:
 
     fmt = detect_format(args.train_data, args.data_format)
     n_show = args.n_records if args.n_records > 0 else 1 << 62
-    tok, shown, st = (_load_jsonl if fmt == "jsonl" else _load_text)(args, args.train_data, n_show)
+    tok, shown, st, records = (_load_jsonl if fmt == "jsonl" else _load_text)(args, args.train_data, n_show)
     color = sys.stdout.isatty() if args.color is None else args.color
     row = args.n_ctx + 1
     out = sys.stdout
@@ -192,13 +201,43 @@ def run(argv: list[str], prog: str = "gguf-finetune preview-data") -> int:
             out.write(f"... [{cut} more tokens not trained on: the row holds ctx+1 = {row} tokens]\n")
     summary = (f"{st.n_records} records ({st.what}): {st.n_tokens} tokens, {st.n_trained} trained within --ctx "
                f"{args.n_ctx}; {st.n_cut} records longer than {row} tokens (cut off)")
+    pack = args.pack if args.pack is not None else fmt == "jsonl"
+    rows, eff = _packing(records, args, pack)
     if args.json:
+        for k, row_records in enumerate(rows):
+            out.write(json.dumps({"row": k, "records": row_records}) + "\n")
         print(summary, file=sys.stderr)
+        print(f"{'packed rows' if pack else 'one record per row'}: {eff.text()}", file=sys.stderr)
     else:
         if not color:
             out.write(f"(trained tokens are marked {OPEN}...{CLOSE})\n")
         out.write(summary + "\n")
+        out.write(f"first batch ({args.n_batch} rows of --ctx {args.n_ctx}, {'packed' if pack else 'one record per row'}):\n")
+        for k, row_records in enumerate(rows):
+            parts = [f"record {r['record'] + 1}" + (f" (line {r['line']})" if r["line"] is not None else "")
+                     + f" at {r['offset']}, {r['positions']} positions" for r in row_records]
+            out.write(f"  row {k + 1}: " + ("; ".join(parts) or "(empty)") + "\n")
+        out.write(f"{'packed rows' if pack else 'one record per row'}: {eff.text()}\n")
     return 0
+
+
+def _packing(records, args: PreviewArgs, pack: bool):
+    """The first batch's rows (records in file order, as a fresh epoch would take them if unshuffled)
+    and the efficiency over all records."""
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
+    from ..data.batches import pack_records, packing_efficiency
+
+    eff = packing_efficiency(records, args.n_batch, args.n_ctx, pack)
+    lines = records.lines
+    if pack:
+        p = pack_records(0, records.begins, records.sizes, records.tokens, records.trained, args.n_batch, args.n_ctx, 0)
+        rows = [[{"record": int(i), "line": int(lines[i]) if args.data_format != "text" else None, "offset": o,
+                  "positions": q} for i, o, q in row] for row in p.rows]
+    else:
+        n = min(args.n_batch, records.n_samples)
+        rows = [[{"record": i, "line": int(lines[i]), "offset": 0,
+                  "positions": max(0, min(int(records.sizes[i]), args.n_ctx + 1) - 1)}] for i in range(n)]
+    return rows, eff
 
 
 __all__ = ["PreviewArgs", "Shown", "Stats", "highlight", "preview_parser", "run"]

@@ -74,14 +74,78 @@ def shuffle_samples(rng_state: str, begins: np.ndarray, sizes: np.ndarray) -> Sh
 
 @dataclass(frozen=True)
 class Batch:
-    """tokens/targets int32 [n_batch, n_ctx]; weights float32 [n_batch, n_ctx] (1 = position counts in
-    the loss; llama.cpp counts every position, padding included)."""
+    """tokens/targets int32 [B, T]; weights float32 [B, T] (1 = position counts in the loss; llama.cpp
+    counts every position, padding included).  Packed rows (:func:`pack_records`) also give each
+    position's RoPE position ``pos`` and the start of its record ``seg_start`` (int64 [B, T]): a
+    record sees only itself.  T may be less than the context when no row needs more."""
 
     tokens: np.ndarray
     targets: np.ndarray
     weights: np.ndarray
     used_samples: int
     epoch_completed: bool
+    pos: np.ndarray | None = None
+    seg_start: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One batch of packed rows (see :func:`pack_records`); ``rows[k]`` lists row k's records as
+    (index into the shuffled order, offset in the row, positions taken)."""
+
+    tokens: np.ndarray  # int32 [B, T]
+    targets: np.ndarray  # int32 [B, T]
+    weights: np.ndarray  # float32 [B, T]
+    pos: np.ndarray  # int64 [B, T]
+    seg_start: np.ndarray  # int64 [B, T]
+    used: int
+    rows: tuple[tuple[tuple[int, int, int], ...], ...]
+
+
+def pack_records(first: int, begins, sizes, tokens, trained, n_batch: int, n_ctx: int, pad: int) -> Packed:
+    """Rows of ``n_ctx`` positions filled with whole records, starting at shuffled record ``first``.
+
+    Records are taken in order (indices wrap around, each at most once per batch) and placed first-fit:
+    a record of s tokens takes p = min(s, n_ctx + 1) - 1 positions (inputs tokens[:p], targets
+    tokens[1:p+1]: a record longer than the context is cut as in one-record rows) in the first row
+    with p free positions.  The first record that fits no row ends the batch; it starts the next one,
+    so a batch consumes a prefix of the shuffled order and resuming is exact.  Positions restart at
+    0 in each record; ``seg_start`` is where its record begins (padding: the position itself).
+    Weights are the records' trained masks on the targets (a record's first token is never a
+    target); padding has weight 0.  T is cut to the longest row.
+    """
+    n = len(begins)
+    B, T = n_batch, n_ctx
+    X = np.full((B, T), pad, dtype=np.int32)
+    Y = np.full((B, T), pad, dtype=np.int32)
+    W = np.zeros((B, T), dtype=np.float32)
+    pos = np.zeros((B, T), dtype=np.int64)
+    seg = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+    filled = [0] * B
+    rows: list[list[tuple[int, int, int]]] = [[] for _ in range(B)]
+    used = 0
+    while used < n:
+        idx = (first + used) % n
+        b, s = int(begins[idx]), int(sizes[idx])
+        p = max(0, min(s, T + 1) - 1)
+        k = next((k for k in range(B) if T - filled[k] >= p), -1)
+        if k < 0:
+            break
+        used += 1
+        if p == 0:  # nothing to predict in it
+            continue
+        o = filled[k]
+        X[k, o:o + p] = tokens[b:b + p]
+        Y[k, o:o + p] = tokens[b + 1:b + p + 1]
+        W[k, o:o + p] = trained[b + 1:b + p + 1]
+        pos[k, o:o + p] = np.arange(p)
+        seg[k, o:o + p] = o
+        rows[k].append((idx, o, p))
+        filled[k] = o + p
+    used = max(used, 1)  # a record longer than the context always fits an empty row: never 0 in practice
+    t = max(1, max(filled))
+    return Packed(X[:, :t].copy(), Y[:, :t].copy(), W[:, :t].copy(), pos[:, :t].copy(), seg[:, :t].copy(), used,
+                  tuple(tuple(r) for r in rows))
 
 
 @dataclass(frozen=True)
@@ -166,14 +230,15 @@ class ShuffledBatches:
         st = self._state
         return min(1 + st.next_sample, st.sample_count), st.sample_count
 
-    def make_batch(self, first: int, sh: Shuffled) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """(tokens, targets, weights, samples used) of the batch starting at shuffled sample ``first``."""
+    def make_batch(self, first: int, sh: Shuffled) -> tuple:
+        """(tokens, targets, weights, samples used[, pos, seg_start]) of the batch starting at shuffled
+        sample ``first``."""
         raise NotImplementedError
 
     def next_batch(self) -> Batch:
         st = self._state
         sh = self._shuffled
-        tokens, targets, weights, used = self.make_batch(st.next_sample, sh)
+        tokens, targets, weights, used, *packed = self.make_batch(st.next_sample, sh)
         nxt = st.next_sample + used
         st = replace(st, samples_seen=st.samples_seen + used, next_sample=nxt)
         completed = nxt >= st.sample_count
@@ -185,4 +250,61 @@ class ShuffledBatches:
             self._shuffled = shuffle_samples(new_current, self.dataset.begins, self.dataset.sizes)
             st = replace(st, rng_state=new_current, next_sample=0)
         self._state = st
-        return Batch(tokens, targets, weights, used, completed)
+        return Batch(tokens, targets, weights, used, completed, *packed)
+
+
+class PackedBatches(ShuffledBatches):
+    """Packed rows (:func:`pack_records`) over a dataset of records: ``tokens``/``trained`` arrays with
+    ``begins``/``sizes`` per record (JSONL records, or plain-text samples with their BOS)."""
+
+    def __init__(self, dataset, state: ShuffleState, n_batch: int, n_ctx: int, pad_id: int,
+                 report: Report | None = None):
+        super().__init__(dataset, state, report)
+        self.n_batch, self.n_ctx, self.pad_id = int(n_batch), int(n_ctx), int(pad_id)
+
+    def make_batch(self, first: int, sh: Shuffled):
+        ds = self.dataset
+        p = pack_records(first, sh.begins, sh.sizes, ds.tokens, ds.trained, self.n_batch, self.n_ctx, self.pad_id)
+        return p.tokens, p.targets, p.weights, p.used, p.pos, p.seg_start
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """What a pass over the data computes: positions in the batches, real tokens (not padding) and
+    trained tokens (weight > 0) among them."""
+
+    positions: int
+    real: int
+    trained: int
+
+    def text(self) -> str:
+        if not self.positions:
+            return "no positions"
+        return (f"real tokens / computed positions {100 * self.real / self.positions:.1f}%, "
+                f"trained tokens / computed positions {100 * self.trained / self.positions:.1f}%")
+
+
+def packing_efficiency(dataset, n_batch: int, n_ctx: int, packed: bool) -> Efficiency:
+    """One epoch of batches in the dataset's own order (what a shuffled one gives, to a few percent):
+    packed rows, or one record per row cut to the longest row of its batch."""
+    n = dataset.n_samples
+    positions = real = trained = 0
+    first = 0
+    while first < n:
+        if packed:
+            p = pack_records(0, dataset.begins[first:], dataset.sizes[first:], dataset.tokens, dataset.trained, n_batch,
+                             n_ctx, 0)  # (the epoch's remaining records: no wrap-around)
+            rows, used, width = [r for r in p.rows], p.used, p.tokens.shape[1]
+            real += sum(q for r in rows for _, _, q in r)
+            trained += int((p.weights > 0).sum())
+        else:
+            used = min(n_batch, n - first)
+            takes = [max(0, min(int(s), n_ctx + 1) - 1) for s in dataset.sizes[first:first + used]]
+            width = max(1, max(takes))
+            real += sum(takes)
+            for i, q in zip(range(first, first + used), takes):
+                b = int(dataset.begins[i])
+                trained += int((np.asarray(dataset.trained[b + 1:b + q + 1]) > 0).sum())
+        positions += n_batch * width
+        first += used
+    return Efficiency(positions, real, trained)

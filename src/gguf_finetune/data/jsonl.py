@@ -535,7 +535,19 @@ class RecordBatchIterator(ShuffledBatches):
 
     def make_batch(self, first: int, sh: Shuffled):
         ds = self.dataset
-        return record_batch(first, sh.begins, sh.sizes, ds.tokens, ds.trained, self.cfg, self.pad_id)
+        x, y, w, used = record_batch(first, sh.begins, sh.sizes, ds.tokens, ds.trained, self.cfg, self.pad_id)
+        t = row_width(first, sh.sizes, self.cfg)
+        return x[:, :t].copy(), y[:, :t].copy(), w[:, :t].copy(), used
+
+
+def row_width(first: int, sizes, cfg: RecordBatchConfig) -> int:
+    """Positions a batch of one record per row needs: its longest record's (at most n_ctx; the
+    padding after it would compute nothing any loss depends on).  n_ctx with fill_with_next_samples."""
+    if cfg.fill_with_next_samples:
+        return cfg.n_ctx
+    n = len(sizes)
+    longest = max(int(sizes[(first + k) % n]) for k in range(cfg.n_batch))
+    return max(1, min(cfg.n_ctx, longest - 1))
 
 
 def record_eval_batches(ds: RecordDataset, n_batch: int, n_ctx: int, pad: int
@@ -545,9 +557,10 @@ def record_eval_batches(ds: RecordDataset, n_batch: int, n_ctx: int, pad: int
     out = []
     for i in range(0, ds.n_samples, n_batch):
         nb = min(n_batch, ds.n_samples - i)
-        x, y, w, _ = record_batch(i, ds.begins, ds.sizes, ds.tokens, ds.trained, RecordBatchConfig(nb, n_ctx),
-                                  pad)
-        out.append((x, y, w))
+        cfg = RecordBatchConfig(nb, n_ctx)
+        x, y, w, _ = record_batch(i, ds.begins, ds.sizes, ds.tokens, ds.trained, cfg, pad)
+        t = row_width(i, ds.sizes, cfg)
+        out.append((x[:, :t].copy(), y[:, :t].copy(), w[:, :t].copy()))
     return out
 
 

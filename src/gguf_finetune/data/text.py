@@ -24,6 +24,7 @@ from numba import njit
 from ..errors import UserError
 from ..gguf_io import read_file_bytes
 from .batches import Report, Shuffled, ShuffledBatches, ShuffleState, _noop
+from .jsonl import RecordDataset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +100,23 @@ class TextDataset:
 
     def n_unique_tokens(self) -> int:
         return int(np.unique(self.tokens).shape[0])
+
+    def as_records(self, bos: int):
+        """The samples as records for packed rows (--pack): [BOS] + the sample's tokens, every token
+        after BOS trained, as a one-sample row of llama.cpp's pipeline starts (BOS, then the sample)."""
+        sizes = self.sizes + 1
+        begins = np.zeros_like(sizes)
+        if sizes.size:
+            begins[1:] = np.cumsum(sizes)[:-1]
+        tokens = np.empty(int(sizes.sum()), dtype=np.int32)
+        trained = np.ones(tokens.shape[0], dtype=np.uint8)
+        tokens[begins] = bos
+        trained[begins] = 0
+        body = np.ones(tokens.shape[0], dtype=bool)
+        body[begins] = False
+        if self.n_samples:
+            tokens[body] = np.concatenate([self.tokens[b:b + n] for b, n in zip(self.begins, self.sizes)])
+        return RecordDataset(tokens, trained, begins, sizes, np.arange(self.n_samples, dtype=np.int64), self.messages)
 
 
 _UTF8_LEN = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4], dtype=np.int64)

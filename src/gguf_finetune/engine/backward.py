@@ -185,18 +185,29 @@ def embed_backward(dx: np.ndarray, tokens: np.ndarray, weights, lora: LoraParams
     grads.a[weight(TOKEN_EMBD)] += s * (dx.T @ b[ids])  # [C, r]
 
 
+def _loss_rows(mask: np.ndarray) -> np.ndarray | None:
+    """Indices of the positions with a loss weight, or None when every position has one (then the
+    head runs on all rows as they are: the text pipeline's arithmetic stays exactly as before)."""
+    keep = np.flatnonzero(mask)
+    return None if keep.size == mask.size else keep
+
+
 def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraParams | None,
                   tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray, inv_norm: float,
-                  checkpointing: bool = True, flash: bool = True) -> float:
+                  checkpointing: bool = True, flash: bool = True, pos: np.ndarray | None = None,
+                  seg_start: np.ndarray | None = None) -> float:
     """One batch: tokens/targets [B, T] int, mask [B, T] float -> loss; grads accumulate.
 
-    loss = inv_norm · Σ mask·nll (float64).  With ``grads=None`` only the loss is computed.
+    loss = inv_norm · Σ mask·nll (float64).  With ``grads=None`` only the loss is computed.  Packed
+    rows give each position's RoPE position ``pos`` and its record's first position ``seg_start``
+    ([B, T]; a record attends only to itself).  The output head runs only on positions whose loss
+    weight is not 0.
     """
     B, T = tokens.shape
     dtype = weights.dtype
     if grads is None:
-        return eval_loss(weights, hp, lora, tokens, targets, mask, inv_norm, flash)
-    ps = Positions.make(hp, weights, B, T)
+        return eval_loss(weights, hp, lora, tokens, targets, mask, inv_norm, flash, pos, seg_start)
+    ps = Positions.make(hp, weights, B, T, pos, seg_start)
     x = embed_forward(weights, tokens, lora)  # [N, C]
     saved: list = []
     for il in range(hp.n_layer):
@@ -211,9 +222,17 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     g_out = norm_weight(weights.output_norm, _lora(lora, name_on))
     hn, rstd = K.rmsnorm_forward(x, g_out, hp.rms_eps)  # [N, C]
     m = np.ascontiguousarray(mask.reshape(-1), dtype=dtype)
-    nll, dhn = head_loss_backward(weights, hn, np.ascontiguousarray(targets.reshape(-1), dtype=np.int32),
-                                  m, inv_norm, lora, grads)
-    loss = float(np.dot(nll, m.astype(np.float64)) * inv_norm)
+    tg = np.ascontiguousarray(targets.reshape(-1), dtype=np.int32)
+    keep = _loss_rows(m)
+    if keep is None:
+        nll, dhn = head_loss_backward(weights, hn, tg, m, inv_norm, lora, grads)
+        loss = float(np.dot(nll, m.astype(np.float64)) * inv_norm)
+    else:  # prompts and padding: no head products, a zero gradient
+        nll, dsel = head_loss_backward(weights, np.ascontiguousarray(hn[keep]), tg[keep], m[keep], inv_norm, lora,
+                                       grads)
+        loss = float(np.dot(nll, m[keep].astype(np.float64)) * inv_norm)
+        dhn = np.zeros_like(hn)
+        dhn[keep] = dsel
     l_out = _lora(lora, name_on)
     dx, dg_out = K.rmsnorm_backward(dhn, x, g_out, rstd, l_out is not None)
     norm_backward(dg_out, l_out, grads, name_on)
@@ -231,11 +250,15 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
 
 
 def eval_loss(weights, hp: HParams, lora: LoraParams | None, tokens: np.ndarray, targets: np.ndarray,
-              mask: np.ndarray, inv_norm: float, flash: bool = True) -> float:
-    """Forward only: inv_norm · Σ mask·nll, logits processed in row chunks."""
-    hn = forward_hidden(weights, hp, tokens, lora, flash)  # [N, C]
+              mask: np.ndarray, inv_norm: float, flash: bool = True, pos: np.ndarray | None = None,
+              seg_start: np.ndarray | None = None) -> float:
+    """Forward only: inv_norm · Σ mask·nll, logits processed in row chunks (only where mask != 0)."""
+    hn = forward_hidden(weights, hp, tokens, lora, flash, pos, seg_start)  # [N, C]
     tg = np.ascontiguousarray(targets.reshape(-1), dtype=np.int32)
     m = mask.reshape(-1).astype(np.float64)
+    keep = _loss_rows(m)
+    if keep is not None:
+        hn, tg, m = np.ascontiguousarray(hn[keep]), tg[keep], m[keep]
     rows = head_rows(weights, hn.shape[0], hn.dtype.itemsize)
     total = 0.0
     for n0 in range(0, hn.shape[0], rows):

@@ -320,10 +320,12 @@ def head_logits(weights, hn: np.ndarray, lora: LoraParams | None) -> tuple[np.nd
 
 
 def forward_hidden(weights, hp: HParams, tokens: np.ndarray, lora: LoraParams | None = None,
-                   flash: bool = True) -> np.ndarray:
-    """tokens [B, T] -> the normed final hidden states [B·T, C] that the head multiplies."""
+                   flash: bool = True, pos: np.ndarray | None = None, seg_start: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """tokens [B, T] -> the normed final hidden states [B·T, C] that the head multiplies (packed rows:
+    ``pos`` and ``seg_start`` [B, T], see Positions)."""
     B, T = tokens.shape
-    ps = Positions.make(hp, weights, B, T)
+    ps = Positions.make(hp, weights, B, T, pos, seg_start)
     x = embed_forward(weights, tokens, lora)
     for il in range(hp.n_layer):
         x, _ = layer_forward(x, weights.layer(il), il, hp, ps, lora, flash, keep_cache=False)
