@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import needs
 from gguf import GGMLQuantizationType as QT
 
+from conftest import needs
 from gguf_finetune.errors import UserError
 from gguf_finetune.formats.adapter_gguf import dropped_message, read_adapter_gguf, write_adapter_gguf
 from gguf_finetune.formats.load import describe_adapter, detect_kind, load_adapter

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "fuzz_gguf.py"
 

@@ -12,8 +12,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import needs
 
+from conftest import needs
 from gguf_finetune.api import load_model
 from gguf_finetune.engine.generate import Decoder, Generation, attend_cached, attend_cached_ref
 from gguf_finetune.lora import LoraLayout, LoraParams, LoraRanks, make_specs

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs
 
 import gguf_finetune as gf
+from conftest import needs
 from gguf_finetune.cli.convert import run as convert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/llamacpp_numerics.py
@@ -356,3 +356,42 @@ def test_tiny_family_adapter_in_llamacpp(testdata, tmp_path, arch, capsys):
         print(f"\n{arch}: adapter effect {size:.3f} of the logits; llama.cpp vs ours relative L2 {rel:.2e}")
     assert size > 0.05
     assert rel <= (1e-2 if arch == "gemma3" else 1e-4)
+
+
+GEMMA_PROMPT = ("<start_of_turn>user\nWhat is the capital of France? Tell me about its history.<end_of_turn>\n"
+                "<start_of_turn>model\nQuill here! The capital of France is Paris, a city with a long history.")
+
+
+@pytest.mark.slow
+def test_gemma3_persona_adapter_in_llamacpp(gemma3_270m, gemma_persona_run, tmp_path, capfd, capsys):
+    """Gemma 3 270M's chat-example adapter: llama.cpp loads it with every tensor and no warning, and
+    its change of llama.cpp's logits is ours down to llama.cpp's rounding floor on the Q4_K_M model
+    (as for SmolLM2's Q4_1, test_trained_adapter_in_llamacpp_q4_1); export-lora's merged model in
+    llama.cpp likewise."""
+    llama_cpp = needs("llama_cpp")
+    from gguf import GGUFReader
+
+    from gguf_finetune.cli.export_lora import run as export_lora
+
+    adapter = gemma_persona_run / "quill-LATEST.gguf"
+    capfd.readouterr()
+    llama_cpp.Llama(model_path=str(gemma3_270m), n_ctx=64, verbose=True, lora_path=str(adapter), n_threads=2).close()
+    log = capfd.readouterr().err
+    adapter_log = log[log.index("llama_adapter_lora_init"):]
+    assert f"loaded {len(GGUFReader(adapter).tensors)} tensors from lora file" in adapter_log
+    assert not [ln for ln in adapter_log.splitlines() if "warn" in ln.lower() or "error" in ln.lower()]
+    ids = gf.load_model(gemma3_270m).tokenize(GEMMA_PROMPT, add_bos=True, special=True)
+    ours_base = gf.load_model(gemma3_270m).logits(ids).astype(np.float64)
+    ours = gf.load_model(gemma3_270m, adapters=[(adapter, 1.0)]).logits(ids).astype(np.float64)
+    lc_base = llamacpp_logits(gemma3_270m, ids)
+    merged = tmp_path / "merged.gguf"
+    assert export_lora(["-m", str(gemma3_270m), "--lora", str(adapter), "-o", str(merged)]) in (0, None)
+    dev = float(np.linalg.norm(lc_base - ours_base) / np.linalg.norm(ours_base))
+    for name, lc in (("adapter", llamacpp_logits(gemma3_270m, ids, adapter)), ("export-lora", llamacpp_logits(merged, ids))):
+        rel, size = _effect_error(ours_base, ours, lc_base, lc)
+        floor = float(np.sqrt(2) * dev / size)
+        with capsys.disabled():
+            print(f"\nGemma 3 270M Q4_K_M, {name}: adapter effect {size:.3f}; llama.cpp vs ours relative L2 {rel:.4f}; "
+                  f"llama.cpp's own deviation {dev:.4f} -> noise floor {floor:.4f}")
+        assert size > 0.05
+        assert rel <= max(0.05, 1.25 * floor)

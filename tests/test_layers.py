@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / PKG
 
 # lowest first; a module belongs to the first entry that names it or its package
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("errors", "config", "stdcpp", "gguf_io", "quants")),
+    ("base", ("errors", "config", "dist", "stdcpp", "gguf_io", "quants")),
     ("model", ("arch", "model", "lora")),
     ("tokenizer/data", ("tokenizer", "data")),
     ("engine", ("engine", "sampling")),

@@ -8,8 +8,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import needs
 
+from conftest import needs
 from gguf_finetune.api import load_model
 from gguf_finetune.errors import UserError
 from gguf_finetune.perplexity import n_chunks_for, perplexity, perplexity_ref, read_text_file, tokenize_text

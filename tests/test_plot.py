@@ -6,8 +6,8 @@ import json
 import sys
 
 import pytest
-from conftest import needs
 
+from conftest import needs
 from gguf_finetune.errors import UserError
 from gguf_finetune.plot import plot_curves, read_metrics
 

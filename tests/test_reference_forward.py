@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reference_forward as R
 from gguf import GGUFReader
+
+import reference_forward as R
 
 DATA = Path(__file__).resolve().parent / "data" / "arch"
 

@@ -10,7 +10,6 @@ import shlex
 import subprocess
 import sys
 
-
 from gguf_finetune.cli.finetune import run
 from tiny import TEXT
 

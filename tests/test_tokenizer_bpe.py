@@ -12,8 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import OPTIONAL
 
+from conftest import OPTIONAL
 from gguf_finetune.gguf_io import open_gguf
 from gguf_finetune.tokenizer import BPETokenizer, load_tokenizer, utf8
 from gguf_finetune.tokenizer import reference as ref

@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import OPTIONAL
 
+from conftest import OPTIONAL
 from gguf_finetune.tokenizer import SPMTokenizer, load_tokenizer
 from gguf_finetune.tokenizer import reference as ref
 from gguf_finetune.tokenizer.vocab import ATTR_CONTROL, ATTR_UNUSED, ATTR_USER_DEFINED

@@ -15,14 +15,20 @@ from pathlib import Path
 
 import gguf
 import pytest
-from conftest import OPTIONAL
 
+from conftest import OPTIONAL
 from gguf_finetune.tokenizer import load_tokenizer
 from gguf_finetune.tokenizer import reference as ref
 from gguf_finetune.tokenizer import unicode_flags as uf
 from gguf_finetune.tokenizer.gguf_meta import GGUFMeta
-from gguf_finetune.tokenizer.pretokenizers import (PRE_TOKENIZERS, QWEN2, QWEN35, RegexSplitter, collapse_regex,
-                                                   resolve_pre)
+from gguf_finetune.tokenizer.pretokenizers import (
+    PRE_TOKENIZERS,
+    QWEN2,
+    QWEN35,
+    RegexSplitter,
+    collapse_regex,
+    resolve_pre,
+)
 
 LLAMACPP_SKIP = OPTIONAL["llama_cpp"]
 needs_llamacpp = pytest.mark.skipif(not ref.available(), reason=LLAMACPP_SKIP)

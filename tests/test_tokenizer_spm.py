@@ -9,8 +9,8 @@ from pathlib import Path
 
 import gguf
 import pytest
-from conftest import OPTIONAL
 
+from conftest import OPTIONAL
 from gguf_finetune.errors import UserError
 from gguf_finetune.gguf_io import open_gguf
 from gguf_finetune.tokenizer import SPMTokenizer, load_tokenizer

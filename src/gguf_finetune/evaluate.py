@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .dist import World
 from .engine.backward import eval_loss
 from .errors import UserError
 
@@ -21,8 +22,8 @@ class Evaluator:
     """A callable ``lora -> validation loss`` over fixed batches (see module doc)."""
 
     def __init__(self, weights, hp, batches: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                 flash: bool = True):
-        self.weights, self.hp, self.flash = weights, hp, flash
+                 flash: bool = True, world: World | None = None):
+        self.weights, self.hp, self.flash, self.world = weights, hp, flash, world or World()
         self.batches = [(np.ascontiguousarray(x, dtype=np.int32), np.ascontiguousarray(y, dtype=np.int32),
                          np.ascontiguousarray(w, dtype=np.float32)) for x, y, w in batches]
         self.total_weight = float(sum(float(w.sum(dtype=np.float64)) for _, _, w in self.batches))
@@ -36,11 +37,13 @@ class Evaluator:
 
     def __call__(self, lora) -> float:
         total = 0.0
+        rows = self.world.rows  # this rank's rows of each batch; the sums meet in one Allreduce
         for x, y, w in self.batches:
+            w = rows(w)
             if not w.any():
                 continue
-            total += eval_loss(self.weights, self.hp, lora, x, y, w, 1.0, self.flash)
-        return total / self.total_weight
+            total += eval_loss(self.weights, self.hp, lora, rows(x), rows(y), w, 1.0, self.flash)
+        return self.world.sum(total)[0] / self.total_weight
 
 
 __all__ = ["Evaluator"]

@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .config import TrainConfig
+from .dist import World
 from .engine.backward import loss_and_grad
 from .errors import UserError
 from .lora import LoraParams
@@ -84,7 +85,7 @@ class Callbacks:
 class Batches(Protocol):
     """A stream of batches with resumable state (data/text.BatchIterator has this shape)."""
 
-    def next_batch(self): ...  # -> object with tokens, targets, weights [B, T]
+    def next_batch(self): ...  # -> data.batches.Batch: tokens, targets, weights [B, T] (+ pos, seg_start)
     def sample_position(self) -> tuple[int, int]: ...
     @property
     def state(self): ...
@@ -148,7 +149,9 @@ class Trainer:
     def __init__(self, weights, hp, lora: LoraParams, opt: OptimizerState, train: TrainState, batches: Batches,
                  cfg: TrainConfig, callbacks: list, save: Callable[[int, "Trainer"], list[str]] | None = None,
                  *, evaluator: Callable[[LoraParams], float] | None = None, eval_every: int = 0,
-                 save_best: Callable[[int, "Trainer"], list[str]] | None = None, best_loss: float | None = None):
+                 save_best: Callable[[int, "Trainer"], list[str]] | None = None, best_loss: float | None = None,
+                 world: World | None = None):
+        self.world = world or World()
         self.weights, self.hp, self.lora = weights, hp, lora
         self.opt, self.train, self.batches, self.cfg = opt, train, batches, cfg
         self.cb = Callbacks(callbacks)
@@ -172,16 +175,22 @@ class Trainer:
         tokens = 0
         epoch_limit = False
         n_acc = self.cfg.grad_acc
+        rows = self.world.rows  # this rank's rows of every batch (all of them in a single process)
         for _ in range(n_acc):
             b = self.batches.next_batch()
             w = np.asarray(b.weights, dtype=np.float32)
-            total = float(w.sum())
+            total = float(w.sum())  # over the whole batch: every rank normalizes alike
             inv = 1.0 / (max(total, 1.0) * n_acc)
-            loss += loss_and_grad(self.weights, self.hp, self.lora, self.grads, b.tokens, b.targets, w, inv,
-                                  checkpointing=self.cfg.checkpointing, flash=self.cfg.flash)
+            loss += loss_and_grad(self.weights, self.hp, self.lora, self.grads, rows(b.tokens), rows(b.targets),
+                                  rows(w), inv, checkpointing=self.cfg.checkpointing, flash=self.cfg.flash,
+                                  pos=None if b.pos is None else rows(b.pos),
+                                  seg_start=None if b.seg_start is None else rows(b.seg_start))
             tokens += int(np.asarray(b.tokens).size)
             if self.cfg.epochs > 0 and self.batches.state.epochs - self.epochs_at_start >= self.cfg.epochs:
                 epoch_limit = True
+        if self.world.size > 1:  # one Allreduce of the flat gradient buffer, and the loss
+            self.world.allreduce(self.grads.flat)
+            loss = self.world.sum(loss)[0]
         return loss, tokens, epoch_limit
 
     # -- saving -----------------------------------------------------------------------------------
@@ -269,10 +278,10 @@ class Trainer:
                            self.decay_mask)
                 self.opt.iteration = it
                 last = t == n_iter - 1
-                if stop.signal is not None:
+                if self.world.any(stop.signal is not None):  # every rank stops at the same iteration
                     reason = "interrupted"
-                    self.cb.on_message(f"main: {signal.Signals(stop.signal).name} received: saving and stopping "
-                                       f"after iteration {it}")
+                    name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal (on another rank)"
+                    self.cb.on_message(f"main: {name} received: saving and stopping after iteration {it}")
                     break
                 sched = point(it, f, loss_before)
                 if last or epoch_limit:

@@ -10,15 +10,18 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .. import dist
 from ..arch import PRINT_ORDER, TARGET_BY_KEY
 from ..errors import UsageError, UserError
-from .common import keep_freed_memory, run_main, set_threads
+from .common import EXIT_INTERRUPTED, keep_freed_memory, run_main, set_threads
 from .finetune_args import FinetuneArgs, parse_finetune_args
+from .parser import HelpRequested
 from .preflight import (
     best_name,
     check_memory,
@@ -220,7 +223,7 @@ def load_dataset(a: FinetuneArgs, model, path: str, what: str, prog: str):
 def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
     """Training batches (resumed shuffle) and, when asked for, the validation batches."""
     # lazy: loaded once the flags are parsed (fast --help and usage errors)
-    from ..data.batches import resume_shuffle
+    from ..data.batches import PackedBatches, packing_efficiency, resume_shuffle
     from ..data.jsonl import RecordBatchConfig, RecordBatchIterator, detect_format, record_eval_batches
     from ..data.text import BatchConfig, BatchIterator
     from ..data.validation import split_indices, subset_text, text_eval_batches
@@ -262,9 +265,21 @@ def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
     elif v.val_data:
         val_fmt, val_ds = load_dataset(a, model, v.val_data, "validation data", prog)
 
+    pack = a.data.pack if a.data.pack is not None else fmt == "jsonl" and not a.data.fill_with_next_samples
+    if pack and fmt == "text":
+        if not a.data.sample_start_bytes:
+            raise UsageError("--pack on plain text needs --sample-start: the samples to pack (without it every token "
+                             "position starts a sample)")
+        ds = ds.as_records(tok.bos_id)
+    B, T = a.train.n_batch, a.train.n_ctx
+    if fmt == "jsonl" or pack:
+        eff = packing_efficiency(ds, B, T, pack)
+        _say(f"main: {'packed rows' if pack else 'one record per row'}: {eff.text()}")
     state = resume_shuffle(saved, ds, a.data.train_data, seed, a.data.force_reshuffle, report=_say)
-    if fmt == "jsonl":
-        bcfg = RecordBatchConfig(a.train.n_batch, a.train.n_ctx, a.data.fill_with_next_samples)
+    if pack:
+        batches = PackedBatches(ds, state, B, T, tok.eos_id, report=_say)
+    elif fmt == "jsonl":
+        bcfg = RecordBatchConfig(B, T, a.data.fill_with_next_samples)
         batches = RecordBatchIterator(ds, state, bcfg, tok.eos_id, hp.n_vocab, report=_say)
     else:
         bcfg = BatchConfig(a.train.n_batch, a.train.n_ctx, a.data.fill_with_next_samples, a.data.separate_with_eos,
@@ -337,6 +352,12 @@ def divergence_message(d, a: FinetuneArgs, model, trainer, first_iteration: int,
 
 def run(argv: list[str], prog: str = "finetune") -> int | None:
     a = parse_finetune_args(argv, prog)
+    world = dist.world()
+    if a.train.n_batch % world.size:
+        raise UsageError(f"--batch {a.train.n_batch}: not divisible by the {world.size} ranks mpiexec started (each "
+                         f"rank computes --batch / ranks rows of every batch)")
+    if not world.is_root:  # rank 0 alone prints, shows progress and writes files; the others fail aloud only
+        sys.stdout = open(os.devnull, "w")
     set_threads(a.run.n_threads)
     keep_freed_memory()
     if "--n-gpu-layers" in a.given:
@@ -376,7 +397,7 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     if fmt == "ggla" and hp.arch not in GGLA_ARCHS:
         raise UsageError(f"--lora-format ggla: llama.cpp's legacy .bin adapters are for llama models, this one is "
                          f"'{hp.arch}'; write a GGUF adapter (--lora-format gguf, a .gguf --lora-out)")
-    seed = a.run.seed if a.run.seed >= 0 else int(time.time()) & 0xFFFFFFFF
+    seed = world.broadcast(a.run.seed if a.run.seed >= 0 else int(time.time()) & 0xFFFFFFFF)
     _say(f"main: seed: {seed}")
     _say(f"main: model base = '{a.model.model_base}'")
 
@@ -410,11 +431,12 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     _say(f"main: lora_size = {lora.flat.nbytes} bytes ({lora.flat.nbytes / 2**20:.1f} MB)")
     _say(f"main: opt_size  = {opt.m.nbytes + opt.v.nbytes} bytes ({(opt.m.nbytes + opt.v.nbytes) / 2**20:.1f} MB)")
     _say(f"main: opt iter {opt.iteration}")
-    saver = Saver(a, model, ranks, fmt)
+    saver = Saver(a, model, ranks, fmt) if world.is_root else None
     if o.only_write_lora:
-        p = output_name(o.lora_out, o.pattern_fn_it, str(train.iteration))
-        _say(f"save_as_llama_lora: saving to {p}")
-        saver.write_lora(p, lora)
+        if saver is not None:
+            p = output_name(o.lora_out, o.pattern_fn_it, str(train.iteration))
+            _say(f"save_as_llama_lora: saving to {p}")
+            saver.write_lora(p, lora)
         return 0
 
     if a.train.n_ctx > hp.n_ctx_train:  # (after the checks above: a refused run prints only its error)
@@ -432,20 +454,24 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
         # lazy: loaded once the flags are parsed (fast --help and usage errors)
         from ..evaluate import Evaluator
 
-        evaluator = Evaluator(model.weights, hp, eval_batches, flash=a.train.flash)
+        evaluator = Evaluator(model.weights, hp, eval_batches, flash=a.train.flash, world=world)
         if a.val.save_best and ckpt is not None:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 best_loss = previous_best(a, hp, evaluator, prog)
     callbacks: list = [LlamaLog()]
     show_bar = a.run.progress if a.run.progress is not None else sys.stderr.isatty()
-    if show_bar:
+    if show_bar and world.is_root:
         callbacks.append(ProgressBar(a.train.adam.n_iter))
-    metrics = MetricsFile(o.metrics_path)
-    callbacks.append(metrics)
+    if world.is_root:
+        callbacks.append(MetricsFile(o.metrics_path))
+    if world.size > 1:
+        _say(f"main: MPI: {world.size} ranks, each computes {a.train.n_batch // world.size} rows of every batch "
+             f"with {a.run.n_threads} threads")
     _say("main: begin training")
     trainer = Trainer(model.weights, hp, lora, opt, train, batches, a.train, callbacks, save=saver,
                       evaluator=evaluator, eval_every=a.val.eval_every,
-                      save_best=saver.save_best if a.val.save_best else None, best_loss=best_loss)
+                      save_best=saver.save_best if a.val.save_best and saver is not None else None,
+                      best_loss=best_loss, world=world)
     first_iteration = train.iteration
     try:
         # a non-finite loss is detected and reported below: numpy's overflow/invalid warnings on the
@@ -467,4 +493,30 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if dist.launcher_size() > 1:
+        run_main(_run_rank, argv, "finetune")
     run_main(run, argv, "finetune")
+
+
+def _run_rank(argv: list[str], prog: str = "finetune") -> int | None:
+    """``run`` as one rank of an MPI job: any failure ends the whole job at once (a rank left waiting
+    in a collective would hang), with one line from rank 0 (or from the failing rank)."""
+    try:
+        w = dist.world()
+    except UserError as e:  # mpi4py missing or mismatched: no job to abort; rank 0 alone says why
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
+            os._exit(e.exit_code)
+        raise
+    try:
+        return run(argv, prog)
+    except HelpRequested:
+        if not w.is_root:
+            return 0
+        raise
+    except UserError as e:
+        dist.fail(w, prog, str(e), e.exit_code)
+    except KeyboardInterrupt:
+        dist.fail(w, prog, "interrupted", EXIT_INTERRUPTED)
+    except BaseException:
+        traceback.print_exc()
+        dist.fail(w, prog, "a bug (traceback above)", 1)
