@@ -79,10 +79,13 @@ class World:
         return value if self.comm is None else int(self.comm.bcast(int(value), root=0))
 
     def abort(self, code: int) -> NoReturn:
-        """End the whole job now (no rank may be left waiting in a collective)."""
+        """End the whole job now (no rank may be left waiting in a collective), quietly: the line saying
+        why is already written, and the MPI library's own report of the abort would only repeat it."""
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
             self.comm.Abort(code)
         os._exit(code)  # MPICH's Abort may return before the process is killed
 

@@ -351,6 +351,13 @@ def divergence_message(d, a: FinetuneArgs, model, trainer, first_iteration: int,
 
 
 def run(argv: list[str], prog: str = "finetune") -> int | None:
+    """finetune with these arguments; in an MPI job as one of its ranks (see :func:`_run_rank`)."""
+    if dist.launcher_size() > 1:
+        return _run_rank(argv, prog)
+    return _train(argv, prog)
+
+
+def _train(argv: list[str], prog: str) -> int | None:
     a = parse_finetune_args(argv, prog)
     world = dist.world()
     if a.train.n_batch % world.size:
@@ -493,8 +500,6 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    if dist.launcher_size() > 1:
-        run_main(_run_rank, argv, "finetune")
     run_main(run, argv, "finetune")
 
 
@@ -508,7 +513,7 @@ def _run_rank(argv: list[str], prog: str = "finetune") -> int | None:
             os._exit(e.exit_code)
         raise
     try:
-        return run(argv, prog)
+        return _train(argv, prog)
     except HelpRequested:
         if not w.is_root:
             return 0
