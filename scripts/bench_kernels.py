@@ -94,7 +94,7 @@ def main() -> None:
          lambda: K.flash_attention_backward(dout, q, k, v, fatt, lse, scale)),
         ("xent_forward", f"[{N}, {V}]", lambda: K.xent_forward(logits, targets)),
         ("xent_forward_backward (incl. copy)", f"[{N}, {V}]", xent_fb),
-        ("(copy alone)", f"[{N}, {V}]", lambda: np.copyto(buf, logits)),
+        ("copy of the logits alone", f"[{N}, {V}]", lambda: np.copyto(buf, logits)),
         ("embedding_scatter_add", f"[{N}, 16] into [{V}, 16]",
          lambda: K.embedding_scatter_add(np.zeros((V, 16), dt), targets, r(N, 16))),
     ]
