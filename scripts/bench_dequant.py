@@ -2,11 +2,10 @@
 """Benchmark gguf_finetune.quants against gguf.quants.dequantize on one thread.
 
 For every supported type: a [rows, cols] tensor (~4M elements) of random valid blocks; after a
-warm-up, the best of ``--repeat`` runs of each; prints a markdown table.  ``--write-docs`` also
-replaces the section between ``<!-- dequant:begin -->`` and ``<!-- dequant:end -->`` in
-docs/PERFORMANCE.md (creating the file or the section if absent).
+warm-up, the best of ``--repeat`` runs of each; prints a markdown table.  ``--record`` also
+appends one row per type and size to docs/results.jsonl (kind "dequant", scripts/benchlib.py).
 
-    python scripts/bench_dequant.py [--rows 1024 64] [--cols 4096] [--repeat 3] [--write-docs]
+    python scripts/bench_dequant.py [--rows 1024 64] [--cols 4096] [--repeat 3] [--record]
 
 One table per ``--rows`` value: the default 1024 x 4096 (4M elements, a 16 MB result) is bound by
 memory bandwidth on small machines; 64 x 4096 (a 1 MB result that stays in cache) shows the
@@ -16,21 +15,15 @@ kernels' own speed.  Each table ends with the time numpy needs just to fill the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
 from gguf import quants as gq
 
+import benchlib
 from gguf_finetune import quants
-from perf_doc import DOC, write_section
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -80,6 +73,17 @@ def table(results: list[dict], rows: int, cols: int, t_floor: float) -> str:
     return "\n".join(lines)
 
 
+def row(r: dict, rows: int, cols: int, t_floor: float, repeat: int) -> dict:
+    """The results-file row of one type at one size: the table's numbers (ms, ratios) and the settings."""
+    def sig(x: float) -> float:  # 4 significant digits: timings of a few µs keep theirs
+        return float(f"{x:.4g}")
+
+    return {"type": r["type"], "rows": rows, "cols": cols, "repeat": repeat, "threads": 1,
+            "gguf_ms": sig(r["ref"]), "ours_ms": sig(r["new"]), "speedup": sig(r["ref"] / r["new"]),
+            "ours_out_ms": sig(r["out"]), "speedup_out": sig(r["ref"] / r["out"]),
+            "fill_ms": sig(t_floor), "bound": sig(r["ref"] / t_floor)}
+
+
 def below_note(all_results) -> str:
     """One sentence per table: which types are under 10x here, with their floor-bound."""
     parts = []
@@ -95,50 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1024, 64], help="one table per value")
     ap.add_argument("--cols", type=int, default=4096, help="multiple of 256")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per case; the best counts")
-    ap.add_argument("--write-docs", action="store_true", help=f"update the dequant section of {DOC.relative_to(REPO)}")
+    ap.add_argument("--record", action="store_true",
+                    help="append each row to docs/results.jsonl (kind \"dequant\"; $GGUF_FINETUNE_RESULTS: another file)")
     args = ap.parse_args(argv)
     if args.cols % 256:
         ap.error("--cols must be a multiple of 256")
 
     numba.set_num_threads(1)
-    tables = []
     all_results = []
     for rows in args.rows:
         results, t_floor = bench(rows, args.cols, args.repeat)
         all_results.append((rows, results, t_floor))
-        tables.append(table(results, rows, args.cols, t_floor))
-        print(tables[-1] + "\n")
-    tab = "\n\n".join(tables)
-
-    if args.write_docs:
-        cmd = "python scripts/bench_dequant.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        body = "\n".join([
-            "## Dequantization (quants.py vs gguf.quants)",
-            "",
-            f"`{cmd.strip()}` on {datetime.date.today().isoformat()}; {cpu}; numpy {np.__version__}, "
-            f"numba {numba.__version__}; `numba.set_num_threads(1)`; best of {args.repeat} after a warm-up; "
-            "a tensor of random valid blocks per type (f16 scales finite).  \"ours\" allocates its "
-            "result like gguf.quants does; \"out=\" writes into a reused scratch buffer.  Every result is "
-            "checked bit-identical to gguf.quants before timing.",
-            "",
-            tab,
-            "",
-            "F32 in gguf.quants is a zero-copy view of the input; ours returns a copy it owns, so that row "
-            "only measures a memcpy.  A dequantizer has to write 4 bytes per element: where gguf.quants "
-            "itself takes less than ~10x the time of numpy filling the same buffer (the \"bound\" column), a "
-            "10x single-thread speed-up is out of reach for any kernel that writes its result with "
-            "ordinary stores; those rows run at about that floor.  " + below_note(all_results),
-        ])
-        write_section("dequant", body)
-        print(f"updated {DOC}", file=sys.stderr)
+        print(table(results, rows, args.cols, t_floor) + "\n")
+        if args.record:
+            for r in results:
+                benchlib.record("dequant", row(r, rows, args.cols, t_floor, args.repeat))
+    print(below_note(all_results))
     return 0
 
 

@@ -6,8 +6,9 @@ Prints the best of ``--repeat`` runs (ms per call) after a warm-up that also com
 the numba cache.
 
     python scripts/bench_kernels.py [--batch 1] [--ctx 256] [--dtype float32] [--repeat 5] [--threads N]
-                                    [--clock wall|cpu]
+                                    [--clock wall|cpu] [--record]
 
+``--record`` appends one row per kernel to docs/results.jsonl (kind "kernels", scripts/benchlib.py).
 Set NUMBA_THREADING_LAYER=workqueue|omp in the environment to compare numba's threading layers.
 """
 
@@ -19,6 +20,7 @@ import time
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+import benchlib
 import gguf_finetune  # noqa: F401  (first: sets the thread-waiting policy before numpy/numba start)
 from gguf_finetune.engine import kernels as K  # noqa: E402
 
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or CPU time of the process summed over its threads (less "
                          "sensitive to other load on the machine)")
+    ap.add_argument("--record", action="store_true",
+                    help="append each row to docs/results.jsonl (kind \"kernels\"; $GGUF_FINETUNE_RESULTS: another file)")
     args = ap.parse_args()
     if args.threads:
         numba.set_num_threads(args.threads)
@@ -73,31 +77,38 @@ def main() -> None:
         np.copyto(buf, logits)
         K.xent_forward_backward(buf, targets, weights, 1.0 / N)
 
-    cases = [
-        (f"rmsnorm_forward     [{N}, {C}]", lambda: K.rmsnorm_forward(x, w, 1e-5)),
-        (f"rmsnorm_backward    [{N}, {C}]", lambda: K.rmsnorm_backward(dx, x, w, rstd)),
-        (f"rope_forward q      [{B}, {T}, {Hq}, {D}]", lambda: K.rope_forward(qt, cos, sin, D)),
-        (f"rope_backward q     [{B}, {Hq}, {T}, {D}]", lambda: K.rope_backward(dout, cos, sin, D)),
-        (f"to_heads q          [{B}, {T}, {Hq}, {D}]", lambda: K.to_heads(qt)),
-        (f"from_heads q        [{B}, {Hq}, {T}, {D}]", lambda: K.from_heads(dout)),
-        (f"swiglu_forward      [{N}, {F}]", lambda: K.swiglu_forward(g, u)),
-        (f"swiglu_backward     [{N}, {F}]", lambda: K.swiglu_backward(dh, g, u)),
-        (f"attention_forward   Hq={Hq} Hkv={Hkv} T={T}", lambda: K.attention_forward(q, k, v, scale)),
-        ("attention_backward", lambda: K.attention_backward(dout, q, k, v, probs, scale)),
-        ("flash_attention_forward", lambda: K.flash_attention_forward(q, k, v, scale)),
-        ("flash_attention_backward", lambda: K.flash_attention_backward(dout, q, k, v, fatt, lse, scale)),
-        (f"xent_forward        [{N}, {V}]", lambda: K.xent_forward(logits, targets)),
-        (f"xent_forward_backward (incl. {N}x{V} copy)", xent_fb),
-        (f"  (copy alone)      [{N}, {V}]", lambda: np.copyto(buf, logits)),
-        (f"embedding_scatter_add [{N}, 16] into [{V}, 16]",
+    cases = [  # (kernel, shape, call)
+        ("rmsnorm_forward", f"[{N}, {C}]", lambda: K.rmsnorm_forward(x, w, 1e-5)),
+        ("rmsnorm_backward", f"[{N}, {C}]", lambda: K.rmsnorm_backward(dx, x, w, rstd)),
+        ("rope_forward q", f"[{B}, {T}, {Hq}, {D}]", lambda: K.rope_forward(qt, cos, sin, D)),
+        ("rope_backward q", f"[{B}, {Hq}, {T}, {D}]", lambda: K.rope_backward(dout, cos, sin, D)),
+        ("to_heads q", f"[{B}, {T}, {Hq}, {D}]", lambda: K.to_heads(qt)),
+        ("from_heads q", f"[{B}, {Hq}, {T}, {D}]", lambda: K.from_heads(dout)),
+        ("swiglu_forward", f"[{N}, {F}]", lambda: K.swiglu_forward(g, u)),
+        ("swiglu_backward", f"[{N}, {F}]", lambda: K.swiglu_backward(dh, g, u)),
+        ("attention_forward", f"Hq={Hq} Hkv={Hkv} T={T}", lambda: K.attention_forward(q, k, v, scale)),
+        ("attention_backward", f"Hq={Hq} Hkv={Hkv} T={T}",
+         lambda: K.attention_backward(dout, q, k, v, probs, scale)),
+        ("flash_attention_forward", f"Hq={Hq} Hkv={Hkv} T={T}", lambda: K.flash_attention_forward(q, k, v, scale)),
+        ("flash_attention_backward", f"Hq={Hq} Hkv={Hkv} T={T}",
+         lambda: K.flash_attention_backward(dout, q, k, v, fatt, lse, scale)),
+        ("xent_forward", f"[{N}, {V}]", lambda: K.xent_forward(logits, targets)),
+        ("xent_forward_backward (incl. copy)", f"[{N}, {V}]", xent_fb),
+        ("copy of the logits alone", f"[{N}, {V}]", lambda: np.copyto(buf, logits)),
+        ("embedding_scatter_add", f"[{N}, 16] into [{V}, 16]",
          lambda: K.embedding_scatter_add(np.zeros((V, 16), dt), targets, r(N, 16))),
     ]
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    rows = [(name, best_ms(fn, args.repeat, clock)) for name, fn in cases]
-    print(f"# {dt.name}, B={B} T={T}, numba threads={numba.get_num_threads()} "
-          f"layer={numba.threading_layer()}, {args.clock} clock, best of {args.repeat}")
-    for name, ms in rows:
-        print(f"{name:48s} {ms:9.3f} ms")
+    rows = [(name, shape, best_ms(fn, args.repeat, clock)) for name, shape, fn in cases]
+    threads, layer = numba.get_num_threads(), numba.threading_layer()
+    print(f"# {dt.name}, B={B} T={T}, numba threads={threads} layer={layer}, {args.clock} clock, best of {args.repeat}")
+    for name, shape, ms in rows:
+        print(f"{name + ' ' + shape:60s} {ms:9.3f} ms")
+    if args.record:
+        for name, shape, ms in rows:
+            benchlib.record("kernels", {"kernel": name, "shape": shape, "dtype": dt.name, "batch": B, "ctx": T,
+                                        "threads": threads, "layer": layer, "clock": args.clock,
+                                        "repeat": args.repeat, "ms": float(f"{ms:.4g}")})
 
 
 if __name__ == "__main__":

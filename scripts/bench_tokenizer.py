@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Tokenizer speed: load time and 1 MB of English text, for an SPM and a BPE vocabulary, one thread.
 
-    python scripts/bench_tokenizer.py               # print the table
-    python scripts/bench_tokenizer.py --write-docs  # also put it into docs/PERFORMANCE.md
+    python scripts/bench_tokenizer.py           # print the table
+    python scripts/bench_tokenizer.py --record  # also append its rows to docs/results.jsonl
 
 The text is tests/data/text/shakespeare.txt repeated to 1,000,000 characters.  Columns:
 
@@ -12,19 +12,20 @@ The text is tests/data/text/shakespeare.txt repeated to 1,000,000 characters.  C
 * encode, no cache: caching disabled, every word/chunk merged from scratch (worst case, as for
   text with no repeated words);
 * decode: ``detokenize`` of the ids (checked to give the text back).
+
+``--record`` appends one row per vocabulary (kind "tokenizer", scripts/benchlib.py); the vocabulary
+is named by its file.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from perf_doc import DOC, write_section
+import benchlib
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -39,7 +40,7 @@ def best(fn, repeat: int) -> tuple[float, object]:
     return t_best, out
 
 
-def bench_one(name: str, path: Path, text: str, repeat: int) -> dict:
+def bench_one(path: Path, text: str, repeat: int) -> dict:
     from gguf_finetune.tokenizer import load_tokenizer
 
     t_load, tok = best(lambda: load_tokenizer(path), repeat)
@@ -60,11 +61,11 @@ def bench_one(name: str, path: Path, text: str, repeat: int) -> dict:
     t_nocache, ids_nc = best(lambda: nocache.encode(text), 1)
     t_dec, back = best(lambda: tok.detokenize(ids), repeat)
     if not (ids == ids_warm == ids_nc):
-        raise SystemExit(f"{name}: cached and uncached tokenization differ")
+        raise SystemExit(f"{path.name}: cached and uncached tokenization differ")
     if back != text:
-        raise SystemExit(f"{name}: detokenize did not give the text back")
-    return dict(name=name, kind=tok.kind, pre=tok.pre, n_vocab=tok.n_vocab, n_tokens=len(ids), load=t_load,
-                cold=t_cold, warm=t_warm, nocache=t_nocache, dec=t_dec)
+        raise SystemExit(f"{path.name}: detokenize did not give the text back")
+    return {"name": path.name, "tokenizer": tok.kind, "pre": tok.pre, "n_vocab": tok.n_vocab, "n_tokens": len(ids),
+            "load": t_load, "cold": t_cold, "warm": t_warm, "nocache": t_nocache, "dec": t_dec}
 
 
 def table(rows: list[dict], n_chars: int) -> str:
@@ -72,20 +73,22 @@ def table(rows: list[dict], n_chars: int) -> str:
              "| decode s | cold MB/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['kind']} ({r['pre']}) | {r['n_vocab']:,} | {r['n_tokens']:,} | "
+        lines.append(f"| {r['name']} | {r['tokenizer']} ({r['pre']}) | {r['n_vocab']:,} | {r['n_tokens']:,} | "
                      f"{r['load']:.2f} | {r['cold']:.2f} | {r['warm']:.2f} | {r['nocache']:.2f} | {r['dec']:.2f} | "
                      f"{n_chars / 1e6 / r['cold']:.1f} |")
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def row(r: dict, text_name: str, n_chars: int, repeat: int, pinned: bool) -> dict:
+    """The results-file row of one vocabulary: the table's numbers (seconds, MB/s) and the settings."""
+    def sig(x: float) -> float:
+        return float(f"{x:.4g}")
+
+    return {"vocab": r["name"], "tokenizer": r["tokenizer"], "pre": r["pre"], "n_vocab": r["n_vocab"],
+            "text": text_name, "chars": n_chars, "tokens": r["n_tokens"], "repeat": repeat, "pinned": pinned,
+            "load_s": sig(r["load"]), "encode_cold_s": sig(r["cold"]), "encode_warm_s": sig(r["warm"]),
+            "encode_nocache_s": sig(r["nocache"]), "decode_s": sig(r["dec"]),
+            "cold_mb_per_s": sig(n_chars / 1e6 / r["cold"])}
 
 
 def main(argv=None) -> int:
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chars", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pin", action="store_true", help="pin the process to one CPU (it is single-threaded anyway)")
-    ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOC.relative_to(REPO)}")
+    ap.add_argument("--record", action="store_true",
+                    help="append each row to docs/results.jsonl (kind \"tokenizer\"; $GGUF_FINETUNE_RESULTS: another file)")
     args = ap.parse_args(argv)
 
     if args.pin and hasattr(os, "sched_setaffinity"):
@@ -106,31 +110,14 @@ def main(argv=None) -> int:
         from gguf_finetune.demo import default_model_path
 
         bpe = default_model_path()
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     raw = args.text.read_text(encoding="utf-8")
     text = (raw * (args.chars // len(raw) + 1))[: args.chars]
 
-    rows = [bench_one("llama-spm (ggml-vocab-llama-spm.gguf)", args.spm, text, args.repeat),
-            bench_one("SmolLM2-135M-Instruct", bpe, text, args.repeat)]
-    tab = table(rows, len(text))
-    print(tab)
-
-    if args.write_docs:
-        import numpy
-
-        from gguf_finetune.tokenizer.merge import SMALL
-
-        date = _dt.date.today().isoformat()
-        body = f"""## Tokenizers (gguf_finetune.tokenizer)
-
-`python scripts/bench_tokenizer.py --write-docs` on {date}; {cpu_name()}; Python {platform.python_version()}, numpy {numpy.__version__}; one thread (the tokenizers are pure Python){' pinned to one CPU' if args.pin else ''}; best of {args.repeat}; load average {load_before:.1f} when it started (2-core machine shared with other work, so treat differences under ~30% as noise).  Text: `shakespeare.txt` repeated to {len(text):,} characters ({len(text.encode('utf-8')):,} bytes).  The spec asks for at most 1 s to load SmolLM2's 49k vocabulary + 49k merges and at most 5 s for 1 MB with either kind.
-
-{tab}
-
-"load" excludes importing the package (numpy etc.); "cold" is a freshly loaded tokenizer; "warm" the same one again; "no cache" merges every word (BPE) or chunk (SPM) from scratch, which bounds text that never repeats a word.  Pure Python: the pre-tokenizer regexes run in `re` (on llama.cpp's category-collapsed text), the merges on a list of pair priorities patched after each merge (a heap for words of more than {SMALL} symbols); the speed comes from caching each distinct word (BPE) or each '▁'-delimited chunk (SPM — provably the same result as llama.cpp's whole-text merge, see `tokenizer/spm.py`).  Exactness: llama.cpp's 46 llama-spm vectors, the 57 recorded SmolLM2 cases, and randomized comparisons against llama.cpp itself (llama-cpp-python) for every pre-tokenizer — see `tests/test_tokenizer_*.py`.
-"""
-        write_section("tokenizer", body)
-        print(f"wrote {DOC}", file=sys.stderr)
+    rows = [bench_one(args.spm, text, args.repeat), bench_one(bpe, text, args.repeat)]
+    print(table(rows, len(text)))
+    if args.record:
+        for r in rows:
+            benchlib.record("tokenizer", row(r, args.text.name, len(text), args.repeat, args.pin))
     return 0
 
 

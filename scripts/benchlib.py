@@ -8,6 +8,7 @@ Every benchmark run appends ONE JSON object per measured row to docs/results.jso
 
 Runs are data, not prose: docs/PERFORMANCE.md shows only the newest row of each kind and key
 (scripts/bench_summary.py), and the series of earlier runs stays in the results file.
+GGUF_FINETUNE_RESULTS=PATH in the environment sends the rows to (and reads them from) another file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results.jsonl"
 DOC = REPO / "docs" / "PERFORMANCE.md"
+RESULTS_ENV = "GGUF_FINETUNE_RESULTS"  # another results file (tests: never docs/results.jsonl)
+
+
+def results_path(results: Path | None = None) -> Path:
+    """``results`` if given, else $GGUF_FINETUNE_RESULTS if set, else docs/results.jsonl."""
+    if results is not None:
+        return Path(results)
+    env = os.environ.get(RESULTS_ENV)
+    return Path(env) if env else RESULTS
 
 
 def cpu_name() -> str:
@@ -73,10 +83,10 @@ def command() -> str:
 
 
 def record(kind: str, row: dict, results: Path | None = None) -> dict:
-    """Append one measured row to the results file (docs/results.jsonl unless ``results``); returns it."""
+    """Append one measured row to the results file (``results_path(results)``); returns it."""
     rec = {"kind": kind, "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "commit": commit(), "host": host(), "command": command(), **row}
-    path = results or RESULTS
+    path = results_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -84,7 +94,7 @@ def record(kind: str, row: dict, results: Path | None = None) -> dict:
 
 
 def read_results(results: Path | None = None) -> list[dict]:
-    path = results or RESULTS
+    path = results_path(results)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
