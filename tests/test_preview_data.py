@@ -53,8 +53,12 @@ def test_json_output_is_the_training_view(data, capsys, smollm2):
     tok = load_tokenizer(smollm2)
     code, out, err = cli(["preview-data", "-m", str(smollm2), "--train-data", str(data), "-n", "0", "--json"], capsys)
     assert code == 0
-    recs = [json.loads(line) for line in out.splitlines()]
-    assert [r["line"] for r in recs] == [1, 2, 3, 4]
+    objs = [json.loads(line) for line in out.splitlines()]
+    recs = [o for o in objs if "row" not in o]  # one object per record, then one per row of the first batch
+    rows = [o for o in objs if "row" in o]
+    assert [r["line"] for r in recs] == [1, 2, 3, 4] and objs[:4] == recs
+    packed = [(r["record"], r["line"]) for row in rows for r in row["records"]]
+    assert sorted(packed) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 4 short records fill the first batch's rows
     for r in recs[:2]:
         assert r["tokens"] == tok.tokenize(r["text"], special=True) and r["cut"] == 0
         assert len(r["trained"]) == len(r["tokens"]) and set(r["trained"]) == {0, 1}
@@ -68,7 +72,7 @@ def test_json_output_is_the_training_view(data, capsys, smollm2):
 
 def test_ctx_cuts_rows_and_says_so(data, capsys):
     code, out, _ = cli(["preview-data", "--train-data", str(data), "-n", "1", "--ctx", "20", "--json"], capsys)
-    r = json.loads(out)
+    r = json.loads(out.splitlines()[0])  # the record; the first batch's rows follow
     assert len(r["tokens"]) == 21 and r["cut"] > 0 and sum(r["trained"]) == 0  # assistant text is beyond the row
     code, out, _ = cli(["preview-data", "--train-data", str(data), "-n", "1", "--ctx", "20", "--no-color"], capsys)
     assert "cut off by --ctx 20" in out and "more tokens not trained on" in out
@@ -77,7 +81,7 @@ def test_ctx_cuts_rows_and_says_so(data, capsys):
 
 def test_train_on_prompt_and_template_override(data, capsys):
     code, out, _ = cli(["preview-data", "--train-data", str(data), "-n", "1", "--json", "--train-on-prompt"], capsys)
-    r = json.loads(out)
+    r = json.loads(out.splitlines()[0])
     assert r["trained"] == [0] + [1] * (len(r["tokens"]) - 1)
     code, out, _ = cli(["preview-data", "--train-data", str(data), "-n", "1", "--chat-template", "llama2",
                         "--no-color"], capsys)
