@@ -363,7 +363,7 @@ GEMMA_PROMPT = ("<start_of_turn>user\nWhat is the capital of France? Tell me abo
 
 
 @pytest.mark.slow
-def test_gemma3_persona_adapter_in_llamacpp(gemma3_270m, gemma_persona_run, tmp_path, capfd, capsys):
+def test_gemma3_persona_adapter_in_llamacpp(gemma3_270m, gemma_persona_run, tmp_path, capfd):
     """Gemma 3 270M's chat-example adapter: llama.cpp loads it with every tensor and no warning, and
     its change of llama.cpp's logits is ours down to llama.cpp's rounding floor on the Q4_K_M model
     (as for SmolLM2's Q4_1, test_trained_adapter_in_llamacpp_q4_1); export-lora's merged model in
@@ -390,7 +390,7 @@ def test_gemma3_persona_adapter_in_llamacpp(gemma3_270m, gemma_persona_run, tmp_
     for name, lc in (("adapter", llamacpp_logits(gemma3_270m, ids, adapter)), ("export-lora", llamacpp_logits(merged, ids))):
         rel, size = _effect_error(ours_base, ours, lc_base, lc)
         floor = float(np.sqrt(2) * dev / size)
-        with capsys.disabled():
+        with capfd.disabled():
             print(f"\nGemma 3 270M Q4_K_M, {name}: adapter effect {size:.3f}; llama.cpp vs ours relative L2 {rel:.4f}; "
                   f"llama.cpp's own deviation {dev:.4f} -> noise floor {floor:.4f}")
         assert size > 0.05
