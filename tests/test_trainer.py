@@ -123,8 +123,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(work, capsys, mon
     orig = trainer_mod.Trainer.evaluate
 
     def evaluate(self):
-        loss, n, lim = orig(self)
-        return float("nan"), n, lim
+        loss, *rest = orig(self)
+        return (float("nan"), *rest)
 
     monkeypatch.setattr(trainer_mod.Trainer, "evaluate", evaluate)
     with pytest.raises(UserError, match="adam-alpha"):
@@ -338,6 +338,7 @@ def test_metrics_next_to_checkpoint_with_speed_and_time(work):
         assert r["tokens_per_s"] > 0 and r["elapsed"] > 0
         # at the line of iteration k, k batches of 2 x 16 tokens have been processed
         assert r["tokens_per_s"] * r["elapsed"] == pytest.approx(r["iter"] * 2 * 16, rel=1e-3)
+        assert r["trained_tokens"] == r["iter"] * 2 * 16  # text: every position carries loss
     assert [r["elapsed"] for r in recs] == sorted(r["elapsed"] for r in recs)
 
 

@@ -102,8 +102,8 @@ class ProgressBar:
 
 
 class MetricsFile:
-    """Appends one JSON object per iteration (iter, loss, lr, tokens_per_s, elapsed) and one per validation
-    pass (iter, val_loss)."""
+    """Appends one JSON object per iteration (iter, loss, lr, tokens_per_s, trained_tokens: this run's so far,
+    elapsed) and one per validation pass (iter, val_loss)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -114,7 +114,7 @@ class MetricsFile:
             return
         rec = {"iter": info.iteration, "loss": round(float(info.loss), 6), "lr": float(info.lr),
                "tokens_per_s": round(info.tokens / info.elapsed, 2) if info.elapsed > 0 else None,
-               "elapsed": round(info.elapsed, 6)}
+               "trained_tokens": info.trained, "elapsed": round(info.elapsed, 6)}
         self.fh.write(json.dumps(rec) + "\n")
         self.fh.flush()
 

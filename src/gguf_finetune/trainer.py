@@ -55,7 +55,8 @@ class IterationInfo:
     lr: float  # adam alpha · sched
     loss: float | None  # loss of the batch drawn at the previous callback (None on the first line)
     loss_before: float  # the run's first loss (llama.cpp's loss_before), 0 before it exists
-    tokens: int  # tokens processed by this run so far
+    tokens: int  # tokens processed by this run so far (positions computed, padding included)
+    trained: int  # tokens of this run so far that carry loss
     elapsed: float  # seconds since the run started
 
 
@@ -168,11 +169,12 @@ class Trainer:
         self.val_loss: float | None = None
 
     # -- one gradient evaluation (grad_acc batches) ------------------------------------------------
-    def evaluate(self) -> tuple[float, int, bool]:
-        """Draw grad_acc batches, accumulate the mean gradient; -> (loss, tokens, epoch limit reached)."""
+    def evaluate(self) -> tuple[float, int, int, bool]:
+        """Draw grad_acc batches, accumulate the mean gradient; -> (loss, tokens, trained tokens, epoch limit
+        reached)."""
         self.grads.flat[:] = 0
         loss = 0.0
-        tokens = 0
+        tokens = trained = 0
         epoch_limit = False
         n_acc = self.cfg.grad_acc
         rows = self.world.rows  # this rank's rows of every batch (all of them in a single process)
@@ -186,12 +188,13 @@ class Trainer:
                                   pos=None if b.pos is None else rows(b.pos),
                                   seg_start=None if b.seg_start is None else rows(b.seg_start))
             tokens += int(np.asarray(b.tokens).size)
+            trained += int(np.count_nonzero(w))
             if self.cfg.epochs > 0 and self.batches.state.epochs - self.epochs_at_start >= self.cfg.epochs:
                 epoch_limit = True
         if self.world.size > 1:  # one Allreduce of the flat gradient buffer, and the loss
             self.world.allreduce(self.grads.flat)
             loss = self.world.sum(loss)[0]
-        return loss, tokens, epoch_limit
+        return loss, tokens, trained, epoch_limit
 
     # -- saving -----------------------------------------------------------------------------------
     def sync_state(self, iteration: int) -> None:
@@ -246,7 +249,7 @@ class Trainer:
         n_iter = cfg.adam.n_iter
         i0 = self.train.iteration
         t_start = time.perf_counter()
-        tokens_done = 0
+        tokens_done = trained_done = 0
         with StopRequested() as stop:
 
             def point(it: int, loss: float | None, loss_before: float) -> float:
@@ -257,7 +260,7 @@ class Trainer:
                 self.cb.on_iteration(IterationInfo(
                     iteration=it, first_iteration=i0, n_iter=n_iter, sample=self.batches.sample_position(),
                     sched=float(sched), lr=float(cfg.adam.alpha * sched), loss=loss, loss_before=loss_before,
-                    tokens=tokens_done, elapsed=time.perf_counter() - t_start))
+                    tokens=tokens_done, trained=trained_done, elapsed=time.perf_counter() - t_start))
                 if self.eval_due(it, i0):
                     self.validate(it)
                 return float(sched)
@@ -266,8 +269,9 @@ class Trainer:
             sched = point(it, None, 0.0)
             if n_iter <= 0:
                 return self._finish(it, None, "done", t_start)
-            f, ntok, epoch_limit = self.evaluate()
+            f, ntok, ntrained, epoch_limit = self.evaluate()
             tokens_done += ntok
+            trained_done += ntrained
             self._check_finite(f, it)
             self.conv.start(f, it, cfg.adam)
             loss_before = f
@@ -291,8 +295,9 @@ class Trainer:
                         self.cb.on_message(f"main: completed {n} epoch{'s' if n != 1 else ''} (--epochs {n}): "
                                            f"stopping after iteration {it}")
                     break
-                f, ntok, epoch_limit = self.evaluate()
+                f, ntok, ntrained, epoch_limit = self.evaluate()
                 tokens_done += ntok
+                trained_done += ntrained
                 self._check_finite(f, it)
                 why = self.conv.after_update(f, it, i0, cfg.adam)
                 if why:
