@@ -6,6 +6,7 @@
     python scripts/bench.py --low-memory
     python scripts/bench.py --data examples/chat/train.jsonl --batch 4     # chat records, packed
     python scripts/bench.py --data examples/chat/train.jsonl --batch 4 --no-pack
+    python scripts/bench.py --data examples/chat/train.jsonl --batch 4 --no-pack --pad-to-ctx   # before packing
     python scripts/bench.py --model gemma.gguf --record       # append the row to docs/results.jsonl
     mpiexec -n 2 python scripts/bench.py --threads 1 --batch 2   # 2 ranks: rows rank::2 of every batch
 
@@ -107,6 +108,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a JSONL file of chat records (default: raw text)")
     ap.add_argument("--chat-template", default=None)
     ap.add_argument("--no-pack", action="store_true", help="--data: one record per row")
+    ap.add_argument("--pad-to-ctx", action="store_true",
+                    help="--data --no-pack: every row padded to --ctx and every position through the output head, "
+                         "as finetune computed chat data before packing (the trained tokens are the records')")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
@@ -119,6 +123,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the row as one JSON line")
     ap.add_argument("--sgemm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pad_to_ctx and not (args.data and args.no_pack):
+        ap.error("--pad-to-ctx needs --data and --no-pack")
 
     from gguf_finetune import dist
     from gguf_finetune.api import load_model
@@ -160,6 +166,9 @@ def main() -> None:
             tokens = rng.integers(0, hp.n_vocab, size=(B, T))
             return tokens, np.roll(tokens, -1, axis=1), np.ones((B, T), np.float32), None, None
         b = source.next_batch()
+        if args.pad_to_ctx:  # full rows of --ctx; the records' own weights say what is trained
+            pad = ((0, 0), (0, T - b.tokens.shape[1]))
+            return np.pad(b.tokens, pad), np.pad(b.targets, pad), np.pad(b.weights, pad), None, None
         return b.tokens, b.targets, b.weights, b.pos, b.seg_start
 
     stats = {"flops": 0.0, "positions": 0, "trained": 0, "allreduce": 0.0}
@@ -169,7 +178,9 @@ def main() -> None:
         grads.flat[:] = 0
         inv = 1.0 / max(float(w.sum()), 1.0)
         rows = world.rows
-        loss = loss_and_grad(model.weights, hp, lora, grads, rows(x), rows(y), rows(w), inv, checkpointing=ckpt,
+        # before packing the output head ran on every position, whatever its loss weight
+        wp = np.ones_like(w) if args.pad_to_ctx else w
+        loss = loss_and_grad(model.weights, hp, lora, grads, rows(x), rows(y), rows(wp), inv, checkpointing=ckpt,
                              flash=flash, pos=None if pos is None else rows(pos),
                              seg_start=None if seg is None else rows(seg))
         t_ar = world.allreduce_seconds
@@ -177,7 +188,7 @@ def main() -> None:
         stats["allreduce"] += world.allreduce_seconds - t_ar
         adamw_step(lora.flat, grads.flat, m, v, it, 1.0, adam, decay)  # the trainer's optimizer step
         lo = key_starts(*rows(x).shape, 0, None if seg is None else rows(seg))
-        stats["flops"] += step_matmul_flops(hp, lora, rows(x), rows(w), lo, ckpt)
+        stats["flops"] += step_matmul_flops(hp, lora, rows(x), rows(wp), lo, ckpt)
         stats["positions"] += x.size
         stats["trained"] += int(np.count_nonzero(w))
         return loss
@@ -201,7 +212,8 @@ def main() -> None:
     peak = max(peak_before, host_sgemm(args.threads))
     mode = ("checkpointing" if ckpt else "no checkpointing") + (", low-memory" if args.low_memory else "") + \
         ("" if flash else ", no flash") + (f", {world.size} ranks" if world.size > 1 else "")
-    workload = "raw text" if source is None else ("chat, one record per row" if args.no_pack else "chat, packed")
+    workload = "raw text" if source is None else ("chat, packed" if not args.no_pack else
+                                                  "chat, one record per row" + (" of --ctx" if args.pad_to_ctx else ""))
     row = {"model": Path(path).name, "arch": hp.arch, "workload": workload, "mode": mode, "ctx": T, "batch": B,
            "threads": args.threads, "ranks": world.size, "steps": n, "step_ms": [round(t * 1000, 1) for t in times],
            "tokens_per_s": round(stats["positions"] / n / dt, 1),

@@ -11,9 +11,11 @@ processes, alternated ``--runs`` times (a slow moment of the host hits both alik
 the medians:
 
 - raw text, ctx 256, batch 1, checkpointing on and off: tokens/s;
-- chat records (examples/chat/train.jsonl): trained tokens/s — ours packed at ctx 256, batch 4; the
-  peer padded to the longest record of each batch of 8, as its data collator does; and ours with one
-  record per row (--no-pack), today's path before packing.
+- chat records (examples/chat/train.jsonl), both without gradient checkpointing: trained tokens/s —
+  ours packed at ctx 256, batch 4; the peer padded to the longest record of each batch of 8, as its
+  data collator does; and ours with one record per row, as finetune computed chat data before
+  packing (every row padded to ctx 256 and through the output head: bench.py --pad-to-ctx) and as
+  --no-pack does now (rows cut to the batch's longest record, the head only on trained positions).
 
 The peer needs torch, transformers and peft (the ``peers`` extra, or any Python that has them:
 ``--peers-python``); without them only our side runs, saying so.  Threads: ``--threads`` for both
@@ -99,21 +101,22 @@ def main() -> None:
                       "tokens_per_s", "tokens/s"),
         "text": (["--ctx", "256", "--batch", "1", "--no-checkpointing"], ["--mode", "text", "--ctx", "256"],
                  "tokens_per_s", "tokens/s"),
-        "chat": (["--data", str(CHAT), "--ctx", "256", "--batch", "4", *tpl],
+        "chat": (["--data", str(CHAT), "--ctx", "256", "--batch", "4", "--no-checkpointing", *tpl],
                  ["--mode", "chat", "--data", str(CHAT), "--batch", "8", "--ctx", "256", *tpl],
                  "trained_tokens_per_s", "trained tokens/s"),
     }
     names = {"text-ckpt": "raw text, ctx 256, batch 1, checkpointing",
              "text": "raw text, ctx 256, batch 1, no checkpointing",
-             "chat": "chat records: ours packed (ctx 256, batch 4), peer padded (batch 8)"}
+             "chat": "chat records, no checkpointing: ours packed (ctx 256, batch 4), peer padded (batch 8)"}
     rows = []
     for w in args.workloads.split(","):
         mine, theirs, key, unit = workloads[w]
-        a, b, c = [], [], []
+        a, b, c, d = [], [], [], []
         for _ in range(args.runs):
             a.append(ours(args, *mine))
-            if w == "chat":  # today's path before packing: one record per row
-                c.append(ours(args, *mine, "--no-pack"))
+            if w == "chat":  # one record per row: before packing, and --no-pack now
+                c.append(ours(args, *mine, "--no-pack", "--pad-to-ctx"))
+                d.append(ours(args, *mine, "--no-pack"))
             p = peer(args, *theirs)
             if p is not None:
                 b.append(p)
@@ -130,9 +133,10 @@ def main() -> None:
         if c:
             row["ours_one_record_per_row"] = round(statistics.median(r[key] for r in c), 1)
             row["packing_gain"] = round(row["ours"] / row["ours_one_record_per_row"], 2)
+            row["ours_no_pack"] = round(statistics.median(r[key] for r in d), 1)
         rows.append(row)
-        extra = (f"; packing {row['packing_gain']}x one record per row ({row['ours_one_record_per_row']})"
-                 if c else "")
+        extra = (f"; {row['packing_gain']}x one record per row of ctx 256 ({row['ours_one_record_per_row']}); "
+                 f"--no-pack {row['ours_no_pack']}" if c else "")
         vs = f"transformers + PEFT {row['peers']} -> {row['ratio']}x" if b else "no peer"
         print(f"{names[w]}: ours {row['ours']} {unit} ({100 * row['ours_bound']:.0f}% of the products' bound), "
               f"{vs}{extra}", flush=True)

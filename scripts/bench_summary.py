@@ -51,10 +51,14 @@ KINDS: dict[str, Kind] = {
                  ("sgemm_gflops", "sgemm GFLOP/s"), ("bound", "of bound", percent)),
         measures=("tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "matmul_gflops", "sgemm_gflops", "bound")),
     "peers": Kind(
-        key=("workload",),
-        columns=(("workload", "workload"), ("ours", "ours"), ("peers", "peers"), ("ratio", "ratio"),
-                 ("unit", "unit")),
-        measures=("ours", "peers", "ratio")),
+        key=("model", "workload"),
+        columns=(("model", "model"), ("workload", "workload"), ("unit", "unit"), ("ours", "ours"), ("peers", "transformers + PEFT"),
+                 ("ratio", "ratio"), ("ours_bound", "ours, of bound", percent),
+                 ("ours_one_record_per_row", "ours, a record per row of ctx"), ("packing_gain", "packing gain"),
+                 ("ours_no_pack", "ours, --no-pack"), ("ours_peak_rss_mb", "ours peak RSS MB"),
+                 ("peers_peak_rss_mb", "peers peak RSS MB")),
+        measures=("ours", "peers", "ratio", "packing_gain"),
+        quiet=("ours_runs", "peers_runs", "threads")),
     "mpi": Kind(
         key=("layout",),
         columns=(("layout", "layout"), ("tokens_per_s", "tokens/s"), ("allreduce_ms_per_step", "allreduce ms/step")),
