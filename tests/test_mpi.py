@@ -85,6 +85,28 @@ def test_two_ranks_give_the_single_process_run(fixture_dir, extra):
     assert rel(lora_flat(fixture_dir / "two-chk-LATEST.gguf"), lora_flat(fixture_dir / "one-chk-LATEST.gguf")) <= 1e-5
 
 
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_run_on_smollm2(smollm2, testdata, tmp_path):
+    """SmolLM2 on text data, 10 iterations: 2 ranks x 1 thread give one process's losses and LoRA
+    tensors to 1e-5 relative."""
+    mpiexec()
+    shutil.copy(testdata / "text" / "shakespeare.txt", tmp_path / "train.txt")
+    flags = ["--ctx", "64", "--batch", "2", "--adam-alpha", "0.003", "--warmup", "2", "--seed", "3",
+             "--no-progress", "--save-every", "0"]
+    out = {}
+    for tag, ranks in (("one", 1), ("two", 2)):
+        argv = ["finetune", "--model-base", str(smollm2), "--train-data", "train.txt", *flags, "--adam-iter", "10",
+                "--checkpoint-out", f"{tag}-chk-ITERATION.gguf", "--lora-out", f"{tag}-lora-ITERATION.gguf",
+                "--metrics-out", f"{tag}.jsonl"]
+        r = run(tmp_path, argv, ranks=ranks, threads=2 // ranks)
+        assert r.returncode == 0, r.stderr
+        out[tag] = losses(tmp_path / f"{tag}.jsonl"), lora_flat(tmp_path / f"{tag}-chk-LATEST.gguf")
+    (l1, w1), (l2, w2) = out["one"], out["two"]
+    assert len(l1) == len(l2) == 10
+    assert np.all(np.abs(l2 - l1) <= 1e-5 * np.abs(l1)), (l1, l2)
+    assert rel(w2, w1) <= 1e-5
+
+
 def test_checkpoints_resume_across_rank_counts(fixture_dir):
     """5 iterations on 2 ranks resumed in one process, and the reverse, continue the 10-iteration run."""
     mpiexec()
