@@ -60,9 +60,18 @@ KINDS: dict[str, Kind] = {
         measures=("ours", "peers", "ratio", "packing_gain"),
         quiet=("ours_runs", "peers_runs", "threads")),
     "mpi": Kind(
-        key=("layout",),
-        columns=(("layout", "layout"), ("tokens_per_s", "tokens/s"), ("allreduce_ms_per_step", "allreduce ms/step")),
-        measures=("tokens_per_s", "allreduce_ms_per_step")),
+        key=("model", "layout"),
+        columns=(("model", "model"), ("layout", "layout"), ("ctx", "ctx"), ("batch", "global batch"),
+                 ("tokens_per_s", "tokens/s"), ("allreduce_ms_per_step", "Allreduce ms/step"),
+                 ("grad_mb", "gradients MB")),
+        measures=("tokens_per_s", "allreduce_ms_per_step"),
+        quiet=("runs",)),
+    "mpi-prediction": Kind(
+        key=("model", "lora_r", "gbit_s", "machines"),
+        columns=(("model", "model"), ("lora_r", "rank"), ("grad_mb", "gradients MB"), ("step_s", "step s"),
+                 ("gbit_s", "Gbit/s"), ("machines", "machines"), ("allreduce_ms", "Allreduce ms"),
+                 ("tokens_per_s", "tokens/s"), ("efficiency", "of linear", percent)),
+        measures=("step_s", "allreduce_ms", "tokens_per_s", "efficiency")),
     "startup": Kind(
         key=("cache",),
         columns=(("cache", "cache"), ("seconds_to_first_iteration", "s to first iteration")),

@@ -172,7 +172,7 @@ def test_bench_summary_shows_the_newest_row_per_key(summary_results, capsys):
     assert ("Measured 2026-12-02 10:00–10:05 UTC on Test CPU (2 cores, avx2 fma), commit abc1234; "
             "command: `python scripts/bench.py --record`.") in step
     assert "| 62% |" in step and "| 70% |" in step
-    assert "| layout | tokens/s | allreduce ms/step |" in out and "| 2x1 | 300.0 | 12.5 |" in out
+    assert "| layout | tokens/s | Allreduce ms/step |" in out and "| 2x1 | 300.0 | 12.5 |" in out
     # a kind the script does not know: all fields, keyed on its text fields
     widget = out.split("## widget\n")[1]
     assert "| name | value |" in widget and "| a | 2.50 |" in widget and "| a | 1.50 |" not in widget
