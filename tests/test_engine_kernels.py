@@ -511,3 +511,52 @@ def test_bitwise_deterministic_across_runs():
         return [r.tobytes() for r in res]
 
     assert run() == run()
+
+
+def test_flash_attention_does_not_depend_on_the_thread_count():
+    """_split runs the flash kernels' work items on numba's thread count; every item writes its own
+    slots with the same arithmetic, so one thread and all of them give the same bits."""
+    import numba
+
+    rng = np.random.default_rng(14)
+    q, k, v, do = qkv(rng, 2, 6, 2, 45, 16, np.float32)
+    lo = K.key_starts(2, 45, 9, np.repeat([[0] * 20 + [20] * 25], 2, axis=0))
+
+    def run():
+        o, lse = K.flash_attention_forward(q, k, v, 0.25, lo=lo)
+        return [r.tobytes() for r in (o, lse, *K.flash_attention_backward(do, q, k, v, o, lse, 0.25, lo=lo))]
+
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        assert run() == one
+    finally:
+        numba.set_num_threads(prev)
+
+
+def test_split_covers_each_item_once_and_raises_a_helpers_error(monkeypatch):
+    import threading
+
+    import numba
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
+    seen, lock = [], threading.Lock()
+
+    def kernel(tag, i0, i1):
+        with lock:
+            seen.extend(range(i0, i1))
+        if tag == "fail" and i0 > 0:  # a helper thread's range
+            raise ZeroDivisionError("in a helper")
+
+    K._split(kernel, 10, "ok")
+    assert sorted(seen) == list(range(10))
+    seen.clear()
+    K._split(kernel, 2, "ok")  # fewer items than threads: one per thread
+    assert sorted(seen) == [0, 1]
+    with pytest.raises(ZeroDivisionError, match="in a helper"):
+        K._split(kernel, 10, "fail")
+    seen.clear()
+    K._split(kernel, 7, "ok")  # the helpers still work after an error
+    assert sorted(seen) == list(range(7))

@@ -8,12 +8,17 @@ one or two ``@njit`` kernels.  Conventions:
   input, and outputs have that dtype;
 * ``*_forward`` returns ``(out, cache)`` where backward needs something; ``*_backward(dout, ...)``
   returns the input gradients;
-* every result is deterministic run to run: a ``prange`` iteration writes only its own output
-  slots, and every sum has a fixed order;
-* ``parallel=True`` only where it pays: attention, SwiGLU, cross-entropy and the output adapter's
-  passes over the logits.  RMSNorm, RoPE and the LoRA terms of the layers are serial: they are
-  memory-bound, take ~0.02-0.3 ms at SmolLM2 size, waking numba's sleeping workers costs ~40 µs
-  per call, and each parallel kernel adds ~2 s of first-run compilation per dtype;
+* every result is deterministic run to run: a ``prange`` iteration (or a work item of
+  :func:`_split`) writes only its own output slots, and every sum has a fixed order;
+* ``parallel=True`` only where it pays: the materialized attention's softmax, SwiGLU/GeGLU,
+  cross-entropy and the output adapter's passes over the logits.  RMSNorm, RoPE and the LoRA terms
+  of the layers are serial: they are memory-bound, take ~0.02-0.3 ms at SmolLM2 size, waking
+  numba's sleeping workers costs ~40 µs per call, and each parallel kernel adds ~0.5-2 s of
+  first-run compilation per dtype;
+* flash attention runs on several threads without ``parallel=True``: one serial ``nogil`` kernel
+  per pass loops over a range of work items, and :func:`_split` runs equal ranges on
+  ``numba.get_num_threads()`` threads (the split a ``prange`` makes, the same arithmetic per item).
+  A ``prange`` over a per-item kernel's deep call tree cost twice the first-run compilation;
 * the big products of the materialized attention are numpy batched matmuls (BLAS).
 
 Shapes: N rows (tokens) of C channels, F = n_ff, B sequences of T tokens, Hq/Hkv query/KV heads
@@ -26,6 +31,10 @@ finite differences.
 
 from __future__ import annotations
 
+import queue
+import threading
+
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -70,6 +79,66 @@ def _out(out, shape, dtype, name: str = "out") -> np.ndarray:
     if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array of shape {tuple(shape)}")
     return out
+
+
+class _Helpers:
+    """Threads that run ranges of :func:`_split`'s work items (started on first use, daemons, kept:
+    starting threads on every call would cost more than the smaller kernels take)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()  # one _split at a time uses the helpers (others run serially)
+        self.todo: list = []  # one SimpleQueue per helper thread
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _loop(self, todo) -> None:
+        while True:
+            kernel, args = todo.get()
+            try:
+                kernel(*args)
+                self.done.put(None)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                self.done.put(e)
+
+    def run(self, kernel, bounds: list[int], args: tuple) -> None:
+        while len(self.todo) < len(bounds) - 2:
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._loop, args=(q,), daemon=True, name="kernels").start()
+            self.todo.append(q)
+        for i in range(1, len(bounds) - 1):
+            self.todo[i - 1].put((kernel, (*args, bounds[i], bounds[i + 1])))
+        err = None
+        try:
+            kernel(*args, bounds[0], bounds[1])
+        finally:
+            for _ in range(len(bounds) - 2):
+                e = self.done.get()
+                err = err or e
+        if err is not None:
+            raise err
+
+
+_helpers = _Helpers()
+
+
+def _split(kernel, n: int, *args) -> None:
+    """``kernel(*args, i0, i1)`` over the work items 0..n-1 in ``numba.get_num_threads()`` equal
+    contiguous ranges (numba's static prange schedule), the calling thread taking the first.
+
+    For ``nogil`` kernels whose items write disjoint outputs: the same results as a ``prange`` over
+    the items, without the compile cost of ``parallel=True`` (a parallel kernel optimizes everything
+    it calls once more for its gufunc and again for its wrapper: ~40% of the flash kernels'
+    first-run compilation, with their deep call trees).  Costs ~10-20 µs per call."""
+    nt = max(1, min(int(numba.get_num_threads()), n))
+    if nt == 1:
+        kernel(*args, 0, n)
+        return
+    if not _helpers.lock.acquire(blocking=False):  # another thread's _split is running
+        kernel(*args, 0, n)
+        return
+    try:
+        _helpers.run(kernel, [n * i // nt for i in range(nt + 1)], args)
+    finally:
+        _helpers.lock.release()
 
 
 # -- scalar helpers (compiled) ------------------------------------------------------------------
@@ -1049,152 +1118,146 @@ def _attend_row(q, i, kT, v, j0, n, scale, s, acc):  # pragma: no cover - compil
     return m, tot
 
 
-@njit(cache=True, fastmath=False)
-def _flash_fwd_rows(q, kT, v, lo, scale, i0, i1, out, lse):  # pragma: no cover - compiled
-    # one head, query rows i0..i1-1: q, out [T, D], kT [D, T] (keys transposed), v [T, D], lo [T] (the
-    # first key each row sees), lse [T].  A row's scores (<= T of them, in a [T] buffer) come from kT
-    # (vectorizes over keys), are scaled (scale has q's dtype), then max / exp / Σ (float64) and
-    # out = Σ_j p_j v_j / Σ_j p_j.  The whole row fits the buffer, so no online rescaling.
-    D = q.shape[1]
-    S = np.empty((4, i1), dtype=q.dtype)
-    ACC = np.empty((4, D), dtype=q.dtype)
+@njit(cache=True, nogil=True, fastmath=False)
+def _flash_fwd(q4, kT4, v4, lo2, scale, bq, out4, lse4, item0, item1):  # pragma: no cover - compiled
+    # q4 [B, Hq, T, D], kT4 [B, Hkv, D, T], v4 [B, Hkv, T, D], lo2 [B, T] -> out4 [B, Hq, T, D], lse4 [B, Hq, T]
+    # Work items item0..item1-1 of (b, h, block of bq query rows); each item writes only its own rows
+    # (_split runs ranges of items on several threads).  One kernel rather than a loop calling a
+    # per-item kernel: numba optimizes a callee's code again in every caller (first-run compile).
+    # An item is one head's query rows i0..i1-1: q, out [T, D], kT [D, T] (keys transposed), v [T, D],
+    # lo [T] (the first key each row sees), lse [T].  A row's scores (<= T of them, in a [T] buffer)
+    # come from kT (vectorizes over keys), are scaled (scale has q's dtype), then max / exp / Σ
+    # (float64) and out = Σ_j p_j v_j / Σ_j p_j.  The whole row fits the buffer: no online rescaling.
+    _, Hq, T, D = q4.shape
+    G = Hq // kT4.shape[1]
+    nqb = (T + bq - 1) // bq
+    S = np.empty((4, T), dtype=q4.dtype)
+    ACC = np.empty((4, D), dtype=q4.dtype)
     M = np.empty(4, dtype=np.float64)
     TOT = np.empty(4, dtype=np.float64)
-    i = i0
-    while i + 4 <= i1:  # four rows at a time (same arithmetic per row as _attend_row)
-        _attend_rows4(q, i, kT, v, lo, scale, S, ACC, M, TOT)
-        for r in range(4):
-            for d in range(D):
-                out[i + r, d] = ACC[r, d] / TOT[r]
-            lse[i + r] = M[r] + np.log(TOT[r])
-        i += 4
-    while i < i1:
-        m, tot = _attend_row(q, i, kT, v, lo[i], i + 1 - lo[i], scale, S[0], ACC[0])
-        for d in range(D):
-            out[i, d] = ACC[0, d] / tot
-        lse[i] = m + np.log(tot)
-        i += 1
-
-
-@njit(cache=True, parallel=True, fastmath=False)
-def _flash_fwd(q, kT, v, lo, scale, bq, out, lse):  # pragma: no cover - compiled
-    # q [B, Hq, T, D], kT [B, Hkv, D, T], v [B, Hkv, T, D], lo [B, T] -> out [B, Hq, T, D], lse [B, Hq, T]
-    # prange over (b, h, block of bq query rows); each item writes only its own rows
-    B, Hq, T, D = q.shape
-    G = Hq // kT.shape[1]
-    nqb = (T + bq - 1) // bq
-    for item in prange(B * Hq * nqb):
+    for item in range(item0, item1):
         qb = item % nqb
         h = (item // nqb) % Hq
         b = item // (nqb * Hq)
         i0 = qb * bq
-        _flash_fwd_rows(q[b, h], kT[b, h // G], v[b, h // G], lo[b], scale, i0, min(T, i0 + bq), out[b, h],
-                        lse[b, h])
-
-
-@njit(cache=True, fastmath=False)
-def _flash_bwd_head(dout, q, k, v, out, lse, lo, scale, dq, dk, dv):  # pragma: no cover - compiled
-    # one query head: dout, q, out, dq [T, D], k, v [T, D] (its KV head), lse [T], lo [T] (the first
-    # key each row sees, non-decreasing) -> dq; dk, dv [T, D] accumulate (+=) this head's contribution.
-    # For each query row i: recompute p_j = exp(scale·q_i·k_j − lse_i) and dp_j = dout_i·v_j
-    # (lo_i <= j <= i), ds_j = scale·p_j·(dp_j − dout_i·out_i), then dq_i = Σ_j ds_j k_j,
-    # dk_j += ds_j q_i, dv_j += p_j dout_i.  Rows go in blocks of 4 that share each pass over the
-    # keys from the block's first row's lo (p and ds are 0 where a row sees no key); every sum
-    # still adds rows in order i and keys in order j, so the result equals the row-at-a-time loop.
-    T, D = q.shape
-    kT = np.empty((D, T), dtype=q.dtype)
-    vT = np.empty((D, T), dtype=q.dtype)
-    for j in range(T):
-        for d in range(D):
-            kT[d, j] = k[j, d]
-            vT[d, j] = v[j, d]
-    P = np.zeros((4, T), dtype=q.dtype)
-    DS = np.zeros((4, T), dtype=q.dtype)
-    dqa = np.empty((4, D), dtype=q.dtype)
-    for i0 in range(0, T, 4):
-        i1 = min(T, i0 + 4)
-        j0 = lo[i0]
-        nk = i1 - j0  # keys j0..i1-1, local index j - j0
-        if i1 - i0 == 4:  # the four rows' scores and dout·v sums share each load of kT / vT
-            _scores4(q, i0, kT, j0, nk, P)
-            _scores4(dout, i0, vT, j0, nk, DS)
-        for r in range(i1 - i0):
-            i = i0 + r
-            a = lo[i] - j0
-            n = i + 1 - j0
-            di = 0.0
-            for d in range(D):
-                di += np.float64(dout[i, d]) * out[i, d]
-            pr = P[r]
-            dsr = DS[r]
-            if i1 - i0 < 4:
-                _scores(q, i, kT, j0, n, pr)
-                _scores(dout, i, vT, j0, n, dsr)
-            li = lse[i]
-            for j in range(a, n):
-                pj = _exp(scale * pr[j] - li)
-                pr[j] = pj
-                dsr[j] = scale * pj * (dsr[j] - di)
-            for j in range(a):
-                pr[j] = 0
-                dsr[j] = 0
-            for j in range(n, nk):
-                pr[j] = 0
-                dsr[j] = 0
-        for r in range(4):
-            for d in range(D):
-                dqa[r, d] = 0
-        if i1 - i0 == 4:
-            q0, q1, q2, q3 = q[i0], q[i0 + 1], q[i0 + 2], q[i0 + 3]
-            o0, o1, o2, o3 = dout[i0], dout[i0 + 1], dout[i0 + 2], dout[i0 + 3]
-            for jj in range(nk):  # dk_j: the four rows' terms, in row order
-                s0, s1, s2, s3 = DS[0, jj], DS[1, jj], DS[2, jj], DS[3, jj]
-                dkj = dk[j0 + jj]
-                for d in range(D):
-                    dkj[d] = (((dkj[d] + s0 * q0[d]) + s1 * q1[d]) + s2 * q2[d]) + s3 * q3[d]
-            for jj in range(nk):  # dv_j likewise (a loop of its own: fewer live streams, ~1.3x)
-                p0, p1, p2, p3 = P[0, jj], P[1, jj], P[2, jj], P[3, jj]
-                dvj = dv[j0 + jj]
-                for d in range(D):
-                    dvj[d] = (((dvj[d] + p0 * o0[d]) + p1 * o1[d]) + p2 * o2[d]) + p3 * o3[d]
-            ks = k[j0:]
-            n4 = nk // 4 * 4
-            _acc_rows4(DS, ks, n4, dqa)  # dq rows: Σ_j ds_j k_j in key order
+        i1 = min(T, i0 + bq)
+        q, kT, v, lo, out, lse = q4[b, h], kT4[b, h // G], v4[b, h // G], lo2[b], out4[b, h], lse4[b, h]
+        i = i0
+        while i + 4 <= i1:  # four rows at a time (same arithmetic per row as _attend_row)
+            _attend_rows4(q, i, kT, v, lo, scale, S, ACC, M, TOT)
             for r in range(4):
-                _acc_row(DS[r], ks, n4, nk, dqa[r])
-        else:
-            for r in range(i1 - i0):
-                i = i0 + r
-                qi = q[i]
-                doi = dout[i]
-                ar = dqa[r]
-                for jj in range(lo[i] - j0, i + 1 - j0):
-                    pj = P[r, jj]
-                    dsj = DS[r, jj]
-                    kj = k[j0 + jj]
-                    dkj = dk[j0 + jj]
-                    dvj = dv[j0 + jj]
-                    for d in range(D):
-                        ar[d] += dsj * kj[d]
-                        dkj[d] += dsj * qi[d]
-                        dvj[d] += pj * doi[d]
-        for r in range(i1 - i0):
+                for d in range(D):
+                    out[i + r, d] = ACC[r, d] / TOT[r]
+                lse[i + r] = M[r] + np.log(TOT[r])
+            i += 4
+        while i < i1:
+            m, tot = _attend_row(q, i, kT, v, lo[i], i + 1 - lo[i], scale, S[0], ACC[0])
             for d in range(D):
-                dq[i0 + r, d] = dqa[r, d]
+                out[i, d] = ACC[0, d] / tot
+            lse[i] = m + np.log(tot)
+            i += 1
 
 
-@njit(cache=True, parallel=True, fastmath=False)
-def _flash_bwd(dout, q, k, v, out, lse, lo, scale, dq, dkp, dvp):  # pragma: no cover - compiled
-    # dout, q, out [B, Hq, T, D], k, v [B, Hkv, T, D], lse [B, Hq, T], lo [B, T]
-    # -> dq [B, Hq, T, D]; per-query-head partials dkp, dvp [B, Hq, T, D] (zeroed by the caller).
-    # prange over (b, h): each item writes only its own head's slots.
-    B, Hq, T, D = q.shape
-    G = Hq // k.shape[1]
-    for bh in prange(B * Hq):
+@njit(cache=True, nogil=True, fastmath=False)
+def _flash_bwd(dout4, q4, k4, v4, out4, lse4, lo2, scale, dq4, dkp, dvp, item0, item1):  # pragma: no cover - compiled
+    # dout4, q4, out4 [B, Hq, T, D], k4, v4 [B, Hkv, T, D], lse4 [B, Hq, T], lo2 [B, T]
+    # -> dq4 [B, Hq, T, D]; per-query-head partials dkp, dvp [B, Hq, T, D] (zeroed by the caller).
+    # Work items item0..item1-1 of (b, h): each item writes only its own head's slots (_split runs
+    # ranges of items on several threads; one kernel, no per-head callee, as in _flash_fwd).
+    # An item is one query head: dout, q, out, dq [T, D], k, v [T, D] (its KV head), lse [T], lo [T]
+    # (the first key each row sees, non-decreasing) -> dq; dk, dv [T, D] accumulate (+=) this head's
+    # contribution.  For each query row i: recompute p_j = exp(scale·q_i·k_j − lse_i) and
+    # dp_j = dout_i·v_j (lo_i <= j <= i), ds_j = scale·p_j·(dp_j − dout_i·out_i), then
+    # dq_i = Σ_j ds_j k_j, dk_j += ds_j q_i, dv_j += p_j dout_i.  Rows go in blocks of 4 that share
+    # each pass over the keys from the block's first row's lo (p and ds are 0 where a row sees no
+    # key); every sum still adds rows in order i and keys in order j, so the result equals the
+    # row-at-a-time loop.
+    _, Hq, T, D = q4.shape
+    G = Hq // k4.shape[1]
+    kT = np.empty((D, T), dtype=q4.dtype)
+    vT = np.empty((D, T), dtype=q4.dtype)
+    P = np.zeros((4, T), dtype=q4.dtype)
+    DS = np.zeros((4, T), dtype=q4.dtype)
+    dqa = np.empty((4, D), dtype=q4.dtype)
+    for bh in range(item0, item1):
         b = bh // Hq
         h = bh % Hq
-        _flash_bwd_head(dout[b, h], q[b, h], k[b, h // G], v[b, h // G], out[b, h], lse[b, h], lo[b], scale,
-                        dq[b, h], dkp[b, h], dvp[b, h])
+        dout, q, k, v, out, lse = dout4[b, h], q4[b, h], k4[b, h // G], v4[b, h // G], out4[b, h], lse4[b, h]
+        lo, dq, dk, dv = lo2[b], dq4[b, h], dkp[b, h], dvp[b, h]
+        for j in range(T):
+            for d in range(D):
+                kT[d, j] = k[j, d]
+                vT[d, j] = v[j, d]
+        for i0 in range(0, T, 4):
+            i1 = min(T, i0 + 4)
+            j0 = lo[i0]
+            nk = i1 - j0  # keys j0..i1-1, local index j - j0
+            if i1 - i0 == 4:  # the four rows' scores and dout·v sums share each load of kT / vT
+                _scores4(q, i0, kT, j0, nk, P)
+                _scores4(dout, i0, vT, j0, nk, DS)
+            for r in range(i1 - i0):
+                i = i0 + r
+                a = lo[i] - j0
+                n = i + 1 - j0
+                di = 0.0
+                for d in range(D):
+                    di += np.float64(dout[i, d]) * out[i, d]
+                pr = P[r]
+                dsr = DS[r]
+                if i1 - i0 < 4:
+                    _scores(q, i, kT, j0, n, pr)
+                    _scores(dout, i, vT, j0, n, dsr)
+                li = lse[i]
+                for j in range(a, n):
+                    pj = _exp(scale * pr[j] - li)
+                    pr[j] = pj
+                    dsr[j] = scale * pj * (dsr[j] - di)
+                for j in range(a):
+                    pr[j] = 0
+                    dsr[j] = 0
+                for j in range(n, nk):
+                    pr[j] = 0
+                    dsr[j] = 0
+            for r in range(4):
+                for d in range(D):
+                    dqa[r, d] = 0
+            if i1 - i0 == 4:
+                q0, q1, q2, q3 = q[i0], q[i0 + 1], q[i0 + 2], q[i0 + 3]
+                o0, o1, o2, o3 = dout[i0], dout[i0 + 1], dout[i0 + 2], dout[i0 + 3]
+                for jj in range(nk):  # dk_j: the four rows' terms, in row order
+                    s0, s1, s2, s3 = DS[0, jj], DS[1, jj], DS[2, jj], DS[3, jj]
+                    dkj = dk[j0 + jj]
+                    for d in range(D):
+                        dkj[d] = (((dkj[d] + s0 * q0[d]) + s1 * q1[d]) + s2 * q2[d]) + s3 * q3[d]
+                for jj in range(nk):  # dv_j likewise (a loop of its own: fewer live streams, ~1.3x)
+                    p0, p1, p2, p3 = P[0, jj], P[1, jj], P[2, jj], P[3, jj]
+                    dvj = dv[j0 + jj]
+                    for d in range(D):
+                        dvj[d] = (((dvj[d] + p0 * o0[d]) + p1 * o1[d]) + p2 * o2[d]) + p3 * o3[d]
+                ks = k[j0:]
+                n4 = nk // 4 * 4
+                _acc_rows4(DS, ks, n4, dqa)  # dq rows: Σ_j ds_j k_j in key order
+                for r in range(4):
+                    _acc_row(DS[r], ks, n4, nk, dqa[r])
+            else:
+                for r in range(i1 - i0):
+                    i = i0 + r
+                    qi = q[i]
+                    doi = dout[i]
+                    ar = dqa[r]
+                    for jj in range(lo[i] - j0, i + 1 - j0):
+                        pj = P[r, jj]
+                        dsj = DS[r, jj]
+                        kj = k[j0 + jj]
+                        dkj = dk[j0 + jj]
+                        dvj = dv[j0 + jj]
+                        for d in range(D):
+                            ar[d] += dsj * kj[d]
+                            dkj[d] += dsj * qi[d]
+                            dvj[d] += pj * doi[d]
+            for r in range(i1 - i0):
+                for d in range(D):
+                    dq[i0 + r, d] = dqa[r, d]
 
 
 def flash_attention_forward(q, k, v, scale: float, block_q: int = FLASH_BLOCK_Q, lo=None):
@@ -1208,7 +1271,9 @@ def flash_attention_forward(q, k, v, scale: float, block_q: int = FLASH_BLOCK_Q,
     out = np.empty_like(q)
     lse = np.empty((B, Hq, T), dtype=q.dtype)
     kT = np.ascontiguousarray(np.swapaxes(k, 2, 3))  # [B, Hkv, D, T], shared by all query blocks
-    _flash_fwd(q, kT, v, _key_starts(lo, B, T), q.dtype.type(scale), max(1, int(block_q)), out, lse)
+    bq = max(1, int(block_q))
+    _split(_flash_fwd, B * Hq * ((T + bq - 1) // bq), q, kT, v, _key_starts(lo, B, T), q.dtype.type(scale), bq, out,
+           lse)
     return out, lse
 
 
@@ -1225,7 +1290,7 @@ def flash_attention_backward(dout, q, k, v, out, lse, scale: float, lo=None):
     dq = np.empty_like(q)
     dkp = np.zeros_like(q)
     dvp = np.zeros_like(q)
-    _flash_bwd(dout, q, k, v, out, lse, _key_starts(lo, B, T), q.dtype.type(scale), dq, dkp, dvp)
+    _split(_flash_bwd, B * Hq, dout, q, k, v, out, lse, _key_starts(lo, B, T), q.dtype.type(scale), dq, dkp, dvp)
     G = Hq // Hkv
     if G == 1:
         return dq, dkp, dvp
