@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tokenizer/data", ("tokenizer", "data")),
     ("engine", ("engine", "sampling")),
     ("optim", ("optim",)),
-    ("trainer", ("trainer", "report", "evaluate", "perplexity")),
+    ("trainer", ("trainer", "report", "evaluate", "perplexity", "warmup")),
     ("formats", ("formats", "synthetic", "plot")),
     ("api", ("api", "demo", "__init__")),
     ("cli", ("cli", "__main__")),
