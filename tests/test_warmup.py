@@ -1,5 +1,6 @@
 """First-run compilation (src/gguf_finetune/warmup.py): the jobs cover every kernel a step of each
-family compiles, and the claims run each job once across two processes.
+family compiles, the claims run each job once across two processes, a failing child costs one
+note line, and finetune prints the notice once on a cold cache and never on a warm one.
 
 The coverage checks run in fresh processes (``python tests/test_warmup.py probe CONFIG``): a
 process that already holds a kernel (from another test) would hide a job that misses it.
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +153,65 @@ def test_start_is_none_when_warm_or_without_workers(monkeypatch):
 
     monkeypatch.setattr(warmup, "cold", broken)
     assert warmup.start(warmup.Plan()) is None
+
+
+# -- finetune: the notice, a failing child -------------------------------------------------------
+
+def finetune(work: Path, capsys) -> tuple[int, str, str]:
+    from gguf_finetune.cli.finetune import run
+
+    code = run(["--model-base", str(work / "m.gguf"), "--train-data", str(work / "train.txt"),
+                "--sample-start", "<s>", "--ctx", "16", "--batch", "2", "--adam-iter", "1", "--threads", "2",
+                "--seed", "1", "--save-every", "0", "--no-progress",
+                "--checkpoint-out", str(work / "chk-ITERATION.gguf"), "--lora-out", str(work / "lora-ITERATION.gguf"),
+                "--metrics-out", str(work / "metrics.jsonl")])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_finetune_notice_once_on_a_cold_cache_none_when_warm(work, capsys, monkeypatch):
+    code, out, err = finetune(work, capsys)  # whatever the cache held: now it holds this run's kernels
+    assert code == 0, err
+    code, out, err = finetune(work, capsys)
+    assert code == 0 and warmup.NOTICE not in out and err == "", (out, err)
+    started = []
+    real_start = warmup.start
+    monkeypatch.setattr(warmup, "start", lambda *a, **kw: started.append(1) or real_start(*a, **kw, force=True))
+    code, out, err = finetune(work, capsys)  # as if cold: a real child runs the jobs (loading them)
+    assert code == 0 and started and err == "", err
+    assert out.splitlines().count(warmup.NOTICE) == 1 and out.splitlines()[0] == warmup.NOTICE
+
+
+def test_finetune_with_a_failing_child_notes_it_in_one_line_and_trains(work, capsys, monkeypatch):
+    monkeypatch.setattr(warmup, "cold", lambda job_list: [j.name for j in job_list])
+    monkeypatch.setattr(warmup, "_child_command",
+                        lambda plan, claims, names: [sys.executable, "-c", "import sys; sys.exit('kaboom: no compiler')"])
+    code, out, err = finetune(work, capsys)
+    assert code == 0, err
+    assert err.splitlines() == ["finetune: note: compiling kernels in the background failed (kaboom: no compiler); "
+                                "compiling them here"]
+    assert out.splitlines().count(warmup.NOTICE) == 1
+    assert "iter=     1" in out
+
+
+@pytest.mark.slow
+def test_a_cold_cache_run_trains_as_a_warm_one(work, tmp_path):
+    """A fresh NUMBA_CACHE_DIR: the notice, the child compiling, the same loss as the warm run after it."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), PYTHONPATH=os.pathsep.join(
+        [str(Path(warmup.SRC))] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    argv = [sys.executable, "-m", "gguf_finetune", "finetune", "--model-base", "m.gguf", "--train-data", "train.txt",
+            "--sample-start", "<s>", "--ctx", "16", "--batch", "2", "--adam-iter", "2", "--threads", "2", "--seed", "1",
+            "--save-every", "0", "--no-progress"]
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        r = subprocess.run(argv, check=False, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        runs.append((r.stdout, time.perf_counter() - t0))
+    (cold, t_cold), (warm, t_warm) = runs
+    assert cold.splitlines().count(warmup.NOTICE) == 1 and warmup.NOTICE not in warm
+    assert re.findall(r"loss=(\S+)", cold) == re.findall(r"loss=(\S+)", warm)
+    print(f"\ncold {t_cold:.1f} s, warm {t_warm:.1f} s")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:

@@ -6,6 +6,7 @@ from the parsed flags and prints llama.cpp's start-up lines.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -357,7 +358,42 @@ def run(argv: list[str], prog: str = "finetune") -> int | None:
     return _train(argv, prog)
 
 
+def start_warmup(a: FinetuneArgs, threads: int, cleanup: contextlib.ExitStack):
+    """Before a training run: any kernel numba compiles says so once (warmup.Notice), and with a cold
+    cache a child process starts compiling the step's kernels while this one loads the model and
+    the data (warmup.start); None when there is no child."""
+    if a.train.adam.n_iter <= 0 or a.out.only_write_lora:
+        return None
+    # lazy: loaded once the flags are parsed (fast --help and usage errors)
+    from .. import warmup
+
+    notice = warmup.Notice(_say)
+    cleanup.callback(notice.close)
+    warm = warmup.start(warmup.Plan(flash=a.train.flash, checkpointing=a.train.checkpointing),
+                        workers=1 if threads > 1 else 0, notice=notice)
+    if warm is not None:
+        cleanup.callback(warm.stop)  # an error or Ctrl-C before training: no child left running
+    return warm
+
+
+def finish_warmup(warm, a: FinetuneArgs, model, lora, world, evaluate: bool, prog: str) -> None:
+    """Compile what the child has not (this model's kernels among them) and wait for it."""
+    from .. import warmup  # lazy: as in start_warmup
+
+    plan = warmup.plan_for(model.weights, model.hparams, lora, a.train.flash, a.train.checkpointing,
+                           a.train.n_batch // world.size * a.train.n_ctx, evaluate)
+    for err in warm.finish(plan, model.gguf.tensors.values()):
+        if world.is_root:
+            print(f"{prog}: note: compiling kernels in the background failed ({err}); compiling them here",
+                  file=sys.stderr)
+
+
 def _train(argv: list[str], prog: str) -> int | None:
+    with contextlib.ExitStack() as cleanup:
+        return _train_in(argv, prog, cleanup)
+
+
+def _train_in(argv: list[str], prog: str, cleanup: contextlib.ExitStack) -> int | None:
     a = parse_finetune_args(argv, prog)
     world = dist.world()
     if a.train.n_batch % world.size:
@@ -365,7 +401,7 @@ def _train(argv: list[str], prog: str) -> int | None:
                          f"rank computes --batch / ranks rows of every batch)")
     if not world.is_root:  # rank 0 alone prints, shows progress and writes files; the others fail aloud only
         sys.stdout = open(os.devnull, "w")
-    set_threads(a.run.n_threads)
+    threads = set_threads(a.run.n_threads)
     keep_freed_memory()
     if "--n-gpu-layers" in a.given:
         print(f"{prog}: note: -ngl/--n-gpu-layers has no effect: this engine runs on the CPU", file=sys.stderr)
@@ -392,6 +428,7 @@ def _train(argv: list[str], prog: str) -> int | None:
             check_regular_file(a.val.val_data, "--val-data")
     if not a.model.model_base:
         raise UserError("--model-base: no model given")
+    warm = start_warmup(a, threads, cleanup)  # (after the checks that fail at once)
     budget = 0 if a.run.low_memory else a.run.memory_budget
     overrides = HParamOverrides(a.model.rope_freq_base, a.model.rope_freq_scale, a.model.norm_rms_eps)
     # training reads the head twice per step. With checkpointing (the memory-lean default) it is
@@ -456,6 +493,8 @@ def _train(argv: list[str], prog: str) -> int | None:
         saved = ShuffleState(t.shuffle_samples_hash, t.shuffle_rng_state, t.shuffle_sample_count,
                              t.shuffle_next_sample, t.epoch_count, t.sample_count)
     batches, eval_batches = setup_data(a, model, seed, saved, prog)
+    if warm is not None:  # the first step (or evaluation) loads what was compiled meanwhile
+        finish_warmup(warm, a, model, lora, world, eval_batches is not None, prog)
     evaluator, best_loss = None, None
     if eval_batches is not None:
         # lazy: loaded once the flags are parsed (fast --help and usage errors)
