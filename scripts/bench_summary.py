@@ -74,8 +74,11 @@ KINDS: dict[str, Kind] = {
         measures=("step_s", "allreduce_ms", "tokens_per_s", "efficiency")),
     "startup": Kind(
         key=("cache",),
-        columns=(("cache", "cache"), ("seconds_to_first_iteration", "s to first iteration")),
-        measures=("seconds_to_first_iteration",)),
+        columns=(("cache", "cache"), ("seconds_to_first_iteration", "s to first iteration"),
+                 ("begin_training_s", "s to begin training"), ("cpu_s", "CPU s"), ("runs", "runs"),
+                 ("load", "load")),
+        measures=("seconds_to_first_iteration", "begin_training_s", "cpu_s"),
+        quiet=("notice_s", "total_s", "peak_rss_mb", "threads", "ctx", "batch", "model")),
     "dequant": Kind(
         key=("type", "rows", "cols"),
         columns=(("type", "type"), ("rows", "rows"), ("cols", "cols"), ("gguf_ms", "gguf.quants ms"),

@@ -219,3 +219,44 @@ def test_bench_summary_write_docs_fills_the_sections_it_finds(summary_results, t
     assert "| 2x1 | 300.0 | 12.5 |\n<!-- mpi:end -->\n" in text
     err = capsys.readouterr().err
     assert "no section 'widget'" in err and "skipped" in err
+
+
+STARTUP_STUB = '''
+import os, sys, time
+if sys.argv[1:] == ["demo-model"]:
+    print("/nowhere/demo.gguf")
+    sys.exit(0)
+cache = os.environ["NUMBA_CACHE_DIR"]
+if not os.listdir(cache):  # a cold cache: compile (a little sleep) and fill it
+    print("compiling kernels (once per install)…", flush=True)
+    time.sleep(0.2)
+    open(os.path.join(cache, "kernel.nbi"), "w").close()
+print("main: begin training", flush=True)
+print("train_opt_callback: iter=     0 sample=1/31", flush=True)
+time.sleep(0.05)
+print("train_opt_callback: iter=     1 sample=5/31 sched=0.5 loss=3.2", flush=True)
+'''
+
+
+def test_bench_startup_records_the_medians_of_cold_and_warm_runs(tmp_path):
+    """A stand-in gguf_finetune (--src) that prints the lines the script times: cold, then warm,
+    per run, on one fresh cache folder; one recorded row per cache state, naming the --src."""
+    pkg = tmp_path / "stub" / "gguf_finetune"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(STARTUP_STUB)
+    results = tmp_path / "results.jsonl"
+    r = _run_recording("bench_startup.py", ["--runs", "2", "--src", str(pkg.parent)], results)
+    runs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [(x["cache"], x["run"]) for x in runs] == [("cold", 0), ("warm", 0), ("cold", 1), ("warm", 1)]
+    for x in runs:
+        assert x["begin_training_s"] <= x["first_iteration_s"] <= x["total_s"] and "exit" not in x
+        assert (x["notice_s"] is not None) == (x["cache"] == "cold")
+    cold, warm = _rows(results)
+    assert (cold["cache"], warm["cache"]) == ("cold", "warm")
+    for row in (cold, warm):
+        assert row["kind"] == "startup" and row["src"] == str(pkg.parent) and row["runs"] == 2
+        assert set(row) == META | {"cache", "seconds_to_first_iteration", "begin_training_s", "notice_s", "total_s",
+                                   "cpu_s", "peak_rss_mb", "load", "runs", "threads", "ctx", "batch", "model", "src"}
+        assert (row["threads"], row["ctx"], row["batch"], row["model"]) == (2, 64, 4, "demo.gguf")
+    assert cold["seconds_to_first_iteration"] > warm["seconds_to_first_iteration"] and warm["notice_s"] is None
