@@ -3,6 +3,7 @@ cli/export_lora.py): names, defaults, errors, exit codes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -473,6 +474,25 @@ def test_set_threads():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["1", "1", "1"], r.stderr
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS found through /proc/self/maps")
+def test_set_threads_limits_blas_after_numpy_is_imported():
+    """finetune imports numpy before it parses --threads: numpy's OpenBLAS is then told through its
+    own setter (without it 2 MPI ranks x --threads 1 ran 2 BLAS threads each on 2 cores)."""
+    code = ("import ctypes, os, numpy\n"
+            "from gguf_finetune.cli import common\n"
+            "libs = common.loaded_openblas()\n"
+            "get = [getattr(l, s.replace('set', 'get')) for l in libs for s in common.OPENBLAS_SET_THREADS\n"
+            "       if hasattr(l, s.replace('set', 'get'))]\n"
+            "assert get, 'no OpenBLAS in numpy'\n"
+            "common.set_threads(2); before = get[0]()\n"
+            "common.set_threads(1); print(before, get[0]())\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    before, after = map(int, r.stdout.split())
+    assert after == 1 and before == min(2, os.cpu_count() or 1)
 
 _FAULTS_CODE = """
 import resource, sys

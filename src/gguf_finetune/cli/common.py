@@ -7,6 +7,7 @@ quietly.  Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from typing import Callable, NoReturn, Sequence
@@ -92,6 +93,39 @@ def _silence_stdout() -> None:
         pass
 
 
+OPENBLAS_SET_THREADS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                        "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def loaded_openblas() -> list:
+    """The OpenBLAS libraries loaded in this process (numpy's wheels bundle one), as ctypes CDLLs
+    (found in /proc/self/maps: Linux only; elsewhere an empty list)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return []
+    libs = []
+    for path in paths:
+        try:
+            libs.append(ctypes.CDLL(path))
+        except OSError:
+            pass
+    return libs
+
+
+def limit_openblas(n: int) -> bool:
+    """Set the thread count of every loaded OpenBLAS to ``n`` through its own setter; False when
+    none was found.  (threadpoolctl does this on every platform when it is installed.)"""
+    done = False
+    for lib in loaded_openblas():
+        fn = next((getattr(lib, s) for s in OPENBLAS_SET_THREADS if hasattr(lib, s)), None)
+        if fn is not None:
+            fn(ctypes.c_int(int(n)))
+            done = True
+    return done
+
+
 def set_threads(n: int) -> int:
     """Use ``n`` threads for numba kernels and BLAS; returns the count numba actually uses.
 
@@ -112,7 +146,8 @@ def set_threads(n: int) -> int:
         # optional: threadpoolctl, when installed
         from threadpoolctl import threadpool_limits
     except ImportError:
-        pass
+        if "numpy" in sys.modules:  # numpy's BLAS has read the variables already: tell it directly
+            limit_openblas(blas)
     else:
         threadpool_limits(limits=blas, user_api="blas")
     # lazy: after the thread variables above are set (numba reads them at import)
