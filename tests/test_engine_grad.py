@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
+from gguf_finetune.engine import backward
 from gguf_finetune.engine.backward import loss_and_grad
 from gguf_finetune.gguf_io import open_gguf
 from gguf_finetune.lora import LoraLayout, LoraParams, LoraRanks, make_specs
@@ -187,3 +188,32 @@ def test_packed_rows_equal_records_alone(tmp_path_factory, arch, ckpt, flash):
     assert np.linalg.norm(g_packed.flat - g_alone.flat) <= 1e-6 * np.linalg.norm(g_alone.flat)
     assert abs(loss_and_grad(w, hp, lora, None, p.tokens, p.targets, p.weights.astype(np.float64), inv, flash=flash,
                              pos=p.pos, seg_start=p.seg_start) - loss_a) <= 1e-6 * abs(loss_a)
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # untied adapted head; tied soft-capped head
+def test_streamed_head_equals_row_chunks(tmp_path_factory, monkeypatch, arch, ckpt):
+    """A head that is not cached and whose logits take several row chunks is streamed over the
+    vocabulary instead (backward._head_loss_streamed): the same loss and gradients, in training
+    and in validation, with the output adapter and soft-capping."""
+    hp, w = family(tmp_path_factory, arch)
+    w = Weights(w.f, hp, dtype=np.float64, cache_head=False)
+    assert not w.cache_head
+    monkeypatch.setattr(Weights, "HEAD_CHUNK_ROWS", 64)  # 300 tokens: 5 chunks of the vocabulary
+    lora = random_lora(hp, 0, np.float64)
+    assert "output.weight" in {s.name for s in lora.layout.specs}
+    tokens, targets, mask = batch(hp)
+    inv = 1.0 / mask.sum()
+    g_rows, g_streamed = lora.like(), lora.like()
+    loss_rows = loss_and_grad(w, hp, lora, g_rows, tokens, targets, mask, inv, checkpointing=ckpt)
+    val_rows = loss_and_grad(w, hp, lora, None, tokens, targets, mask, inv)
+    calls = []
+    monkeypatch.setattr(backward, "head_rows", lambda weights, n, itemsize: 3)  # 8 loss rows: 3 row chunks
+    real = backward._streamed_logits
+    monkeypatch.setattr(backward, "_streamed_logits", lambda *a: calls.append(1) or real(*a))
+    loss_s = loss_and_grad(w, hp, lora, g_streamed, tokens, targets, mask, inv, checkpointing=ckpt)
+    assert len(calls) == 2  # the vocabulary streamed twice: statistics, then gradients
+    val_s = loss_and_grad(w, hp, lora, None, tokens, targets, mask, inv)
+    assert len(calls) == 3
+    assert abs(loss_s - loss_rows) <= 1e-12 * abs(loss_rows) and abs(val_s - val_rows) <= 1e-12 * abs(val_rows)
+    assert np.linalg.norm(g_streamed.flat - g_rows.flat) <= 1e-12 * np.linalg.norm(g_rows.flat)

@@ -35,6 +35,8 @@ PROBES = {
     "phi3-wide-lowmem": dict(spec=dict(arch="phi3", n_rot=2, rope_factors=True, n_vocab=4200, n_embd=32, n_ff=64,
                                     qtype="Q8_0"),
                              norm_rank=1, budget=0),
+    # a vocabulary whose logits take several row chunks when streaming: the head streamed twice
+    "llama-streamed-head": dict(spec=dict(arch="llama", n_vocab=140000), budget=0),
 }
 
 

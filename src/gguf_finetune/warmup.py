@@ -43,6 +43,7 @@ from . import optim, quants
 from .arch import FFN_DOWN, OUTPUT, TOKEN_EMBD, weight
 from .config import AdamWConfig
 from .engine import kernels as K
+from .engine.backward import head_streamed
 from .engine.forward import head_rows
 
 NOTICE = "compiling kernels (once per install)…"
@@ -71,6 +72,7 @@ class Plan:
     n_vocab: int = 0
     head_chunk: int = 4096  # vocabulary columns per head chunk (model.Weights.HEAD_CHUNK_ROWS)
     evaluate: bool = False  # validation: forward and cross-entropy without gradient
+    head_streamed: bool = False  # the head is not cached and its logits may take several row chunks
 
     def lora_add_variants(self) -> set[tuple[bool, bool]]:
         """(parallel, strided) kernels of kernels.lora_add the step can call: the embedding's rows
@@ -106,7 +108,8 @@ def plan_for(weights, hp, lora, flash: bool, checkpointing: bool, rows: int, eva
                 norm_adapters=any(s.kind == "norm" for s in specs), embd_adapter=weight(TOKEN_EMBD) in names,
                 out_adapter=weight(OUTPUT) in names, rows=int(rows),
                 head_rows=head_rows(weights, max(1, int(rows)), dt.itemsize), n_embd=hp.n_embd,
-                n_vocab=hp.n_vocab, head_chunk=weights.HEAD_CHUNK_ROWS, evaluate=bool(evaluate))
+                n_vocab=hp.n_vocab, head_chunk=weights.HEAD_CHUNK_ROWS, evaluate=bool(evaluate),
+                head_streamed=head_streamed(weights, max(1, int(rows)), dt.itemsize))
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,13 @@ def jobs(plan: Plan) -> list[Job]:
     if plan.embd_adapter:
         out.append(Job("scatter", (K._scatter_add,),
                        lambda: K.embedding_scatter_add(np.zeros((V, R), dt), np.arange(N), a(N, R))))
+    if plan.head_streamed:  # engine.backward._head_loss_streamed
+        def xent_streamed() -> None:
+            m, tot, lt = np.full(N, -np.inf, dt), np.zeros(N), np.zeros(N)
+            K.xent_stats(a(N, V), 0, np.zeros(N, np.int32), m, tot, lt)
+            K.xent_grad(a(N, V), 0, np.zeros(N, np.int32), m, tot, a(N, dtype=np.float64), 0.5)
+
+        out.append(Job("xent_streamed", (K._xent_stats, K._xent_grad), xent_streamed))
     if plan.evaluate:
         out.append(Job("xent_eval", (K._xent_fwd,), lambda: K.xent_forward(a(N, V), np.zeros(N, np.int32))))
     return out

@@ -144,11 +144,13 @@ def head_loss_backward(weights, hn: np.ndarray, targets: np.ndarray, mask: np.nd
     (l' = c·tanh(l/c)) the gradient is multiplied by 1 − (l'/c)².
     """
     N, C = hn.shape
+    if head_streamed(weights, N, hn.dtype.itemsize):
+        return _head_loss_streamed(weights, hn, targets, mask, inv_norm, lora, grads)
+    rows = head_rows(weights, N, hn.dtype.itemsize)
     la = _lora(lora, weight(OUTPUT))
     softcap = weights.hp.softcap
     nll = np.empty(N, dtype=np.float64)
     dhn = np.empty_like(hn)
-    rows = head_rows(weights, N, hn.dtype.itemsize)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         h = hn[n0:n1]  # [n, C]
@@ -167,6 +169,70 @@ def head_loss_backward(weights, hn: np.ndarray, targets: np.ndarray, mask: np.nd
             dlb = K.lora_wide_backward(dl, u, b, s, grads.b[weight(OUTPUT)])  # dl·b [n, r]; db += s·dlᵀ·u
             grads.a[weight(OUTPUT)] += s * (h.T @ dlb)  # [C, r]
             K.lora_add(dh, dlb * s, a)
+    return nll, dhn
+
+
+def head_streamed(weights, n_rows: int, itemsize: int) -> bool:
+    """Whether the head's loss over ``n_rows`` rows streams the vocabulary (computing the logits
+    twice, :func:`_head_loss_streamed`) instead of running in row chunks: when the head is not
+    cached and its logits would take more than one row chunk."""
+    return not weights.cache_head and head_rows(weights, n_rows, itemsize) < n_rows
+
+
+def _streamed_logits(weights, hn: np.ndarray, us, b, buf: np.ndarray):
+    """Yield (r0, r1, Wc, logits [N, r1 − r0] of that chunk of the vocabulary, t or None) for every
+    chunk of the head: the dequantized rows Wc are valid until the next chunk; with soft-capping
+    the logits are capped and t = capped / c."""
+    N = hn.shape[0]
+    c = weights.hp.softcap
+    for r0, r1, Wc in weights.head_chunks():
+        out = buf[: N * (r1 - r0)].reshape(N, r1 - r0)  # [N, rows of this chunk], contiguous
+        np.matmul(hn, Wc.T, out=out)
+        if us is not None:
+            K.lora_add(out, us, b[r0:r1])
+        t = None
+        if c:
+            out /= c
+            np.tanh(out, out=out)
+            t = out.copy()
+            out *= c
+        yield r0, r1, Wc, out, t
+
+
+def _head_loss_streamed(weights, hn: np.ndarray, targets: np.ndarray, mask: np.ndarray, inv_norm: float,
+                        lora: LoraParams | None, grads: LoraParams | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`head_loss_backward` for a head that is not cached when its logits would take several
+    row chunks (a 262k-token vocabulary): each row chunk would dequantize the whole head twice.
+    Instead the vocabulary is streamed twice over all rows, in chunks of columns [N, 4096]: once for
+    each row's max and Σ exp (:func:`kernels.xent_stats`), once to recompute the chunk's logits and
+    turn them into their gradient (:func:`kernels.xent_grad`).  Two dequantizations of the head and
+    one extra product instead of two per row chunk; the memory is one [N, 4096] chunk."""
+    N, C = hn.shape
+    la = _lora(lora, weight(OUTPUT))
+    us = u = b = None
+    if la is not None:
+        a, b, s = la
+        u = hn @ a  # [N, r]
+        us = u * s
+    buf = np.empty(N * weights.HEAD_CHUNK_ROWS, dtype=hn.dtype)
+    m = np.full(N, -np.inf, dtype=hn.dtype)
+    tot = np.zeros(N, dtype=np.float64)
+    lt = np.zeros(N, dtype=np.float64)
+    for r0, _, _, logits, _ in _streamed_logits(weights, hn, us, b, buf):
+        K.xent_stats(logits, r0, targets, m, tot, lt)
+    nll = np.log(tot) + m - lt
+    dhn = np.zeros_like(hn)
+    dlb = None if la is None else np.zeros((N, a.shape[1]), dtype=hn.dtype)
+    for r0, r1, Wc, dl, t in _streamed_logits(weights, hn, us, b, buf):
+        K.xent_grad(dl, r0, targets, m, tot, mask, inv_norm)  # logits := dlogits
+        if t is not None:
+            dl *= 1 - t * t
+        dhn += dl @ Wc  # [N, C]
+        if la is not None:
+            dlb += K.lora_wide_backward(dl, u, b[r0:r1], s, grads.b[weight(OUTPUT)][r0:r1])
+    if la is not None:
+        grads.a[weight(OUTPUT)] += s * (hn.T @ dlb)  # [C, r]
+        K.lora_add(dhn, dlb * s, a)
     return nll, dhn
 
 
@@ -260,6 +326,19 @@ def eval_loss(weights, hp: HParams, lora: LoraParams | None, tokens: np.ndarray,
     if keep is not None:
         hn, tg, m = np.ascontiguousarray(hn[keep]), tg[keep], m[keep]
     rows = head_rows(weights, hn.shape[0], hn.dtype.itemsize)
+    if head_streamed(weights, hn.shape[0], hn.dtype.itemsize):  # stream the head once (_head_loss_streamed)
+        N = hn.shape[0]
+        la = _lora(lora, weight(OUTPUT))
+        us = b = None
+        if la is not None:
+            a, b, s = la
+            us = (hn @ a) * s
+        mx = np.full(N, -np.inf, dtype=hn.dtype)
+        tot, lt = np.zeros(N), np.zeros(N)
+        buf = np.empty(N * weights.HEAD_CHUNK_ROWS, dtype=hn.dtype)
+        for r0, _, _, logits, _ in _streamed_logits(weights, hn, us, b, buf):
+            K.xent_stats(logits, r0, tg, mx, tot, lt)
+        return float(np.dot(np.log(tot) + mx - lt, m)) * inv_norm
     total = 0.0
     for n0 in range(0, hn.shape[0], rows):
         n1 = min(hn.shape[0], n0 + rows)

@@ -1343,6 +1343,48 @@ def _xent_fwd(logits, targets, nll):  # pragma: no cover - compiled
         nll[i] = np.log(_sum_exp_sub(row, V, m)) + m - np.float64(row[targets[i]])
 
 
+@njit(cache=True, parallel=True, fastmath=False)
+def _xent_stats(logits, r0, targets, m, tot, lt):  # pragma: no cover - compiled
+    # logits [N, v]: the vocabulary's columns r0 : r0 + v.  Per row, the running max m [N] (the
+    # logits' dtype, -inf before the first chunk) and Σ exp(l − m) tot [N] (float64) are brought
+    # up to this chunk; lt [N] := the target's logit when the target lies in it.  logits untouched.
+    N, v = logits.shape
+    for i in prange(N):
+        row = logits[i]
+        mc = _max_n(row, v)
+        if mc > m[i]:
+            tot[i] *= np.exp(np.float64(m[i]) - np.float64(mc))
+            m[i] = mc
+        tot[i] += _sum_exp_sub(row, v, m[i])
+        t = targets[i] - r0
+        if 0 <= t < v:
+            lt[i] = np.float64(row[t])
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _xent_grad(logits, r0, targets, m, tot, weights, inv_norm):  # pragma: no cover - compiled
+    # logits [N, v] (columns r0 : r0 + v, overwritten) -> (exp(l − m)/tot − [r0 + j == t])·w·inv_norm
+    # with the whole row's m and tot from _xent_stats (the same arithmetic as _xent_fwd_bwd)
+    N, v = logits.shape
+    for i in prange(N):
+        row = logits[i]
+        wn = weights[i] * inv_norm
+        if wn == 0.0:
+            for j in range(v):
+                row[j] = 0
+            continue
+        mi = m[i]
+        for j in range(v):
+            row[j] = _exp(row[j] - mi)
+        c = wn / tot[i]
+        t = targets[i] - r0
+        et = np.float64(row[t]) if 0 <= t < v else 0.0
+        for j in range(v):
+            row[j] = row[j] * c
+        if 0 <= t < v:
+            row[t] = et * c - wn
+
+
 def _xent_targets(targets, N: int, V: int) -> np.ndarray:
     t = np.ascontiguousarray(targets)
     if t.shape != (N,) or not np.issubdtype(t.dtype, np.integer):
@@ -1380,6 +1422,42 @@ def xent_forward(logits, targets):
     if V:
         _xent_fwd(logits, t, nll)
     return nll
+
+
+def xent_stats(logits, r0: int, targets, m, tot, lt) -> None:
+    """One chunk of a cross-entropy computed over the vocabulary in column chunks (the output head
+    streamed, see engine.backward): logits [N, v] are the columns r0 : r0 + v; m [N] (logits'
+    dtype, start -inf), tot [N] (float64, start 0) and lt [N] (float64) are updated in place.
+    After the last chunk nll = log(tot) + m − lt."""
+    logits = _float_array(logits, "logits")
+    N, v = logits.shape
+    t = _xent_targets(targets, N, np.iinfo(np.int64).max)
+    if not (isinstance(m, np.ndarray) and m.dtype == logits.dtype and m.shape == (N,)):
+        raise ValueError(f"m must be a {logits.dtype} array of shape ({N},)")
+    for name, x in (("tot", tot), ("lt", lt)):
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float64 and x.shape == (N,)):
+            raise ValueError(f"{name} must be a float64 array of shape ({N},)")
+    if v:
+        _xent_stats(logits, int(r0), t, m, tot, lt)
+
+
+def xent_grad(logits, r0: int, targets, m, tot, weights, inv_norm: float) -> None:
+    """The columns r0 : r0 + v of dlogits, in place of logits [N, v], from the whole rows' m and tot
+    (:func:`xent_stats`): (softmax − onehot(target))·weights[i]·inv_norm, as
+    :func:`xent_forward_backward` computes it for whole rows."""
+    if not isinstance(logits, np.ndarray) or logits.dtype not in _FLOATS or logits.ndim != 2:
+        raise ValueError("logits must be a 2-D float32 or float64 array")
+    if not logits.flags.c_contiguous or not logits.flags.writeable:
+        raise ValueError("logits must be C-contiguous and writeable (it is overwritten in place)")
+    N, v = logits.shape
+    t = _xent_targets(targets, N, np.iinfo(np.int64).max)
+    w = _like(weights, np.float64, (N,), "weights")
+    if not (isinstance(m, np.ndarray) and m.dtype == logits.dtype and m.shape == (N,)):
+        raise ValueError(f"m must be a {logits.dtype} array of shape ({N},)")
+    if not (isinstance(tot, np.ndarray) and tot.dtype == np.float64 and tot.shape == (N,)):
+        raise ValueError(f"tot must be a float64 array of shape ({N},)")
+    if v:
+        _xent_grad(logits, int(r0), t, m, tot, w, float(inv_norm))
 
 
 # == 6. embeddings ==================================================================================

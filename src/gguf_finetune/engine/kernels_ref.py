@@ -249,6 +249,28 @@ def xent_forward_backward(logits, targets, weights, inv_norm: float):
     return nll
 
 
+def xent_stats(logits, r0: int, targets, m, tot, lt) -> None:
+    l = logits.astype(F64)
+    mc = l.max(axis=1)
+    new_m = np.maximum(m.astype(F64), mc)
+    tot *= np.exp(m.astype(F64) - new_m)
+    tot += np.exp(l - new_m[:, None]).sum(axis=1)
+    m[...] = new_m
+    t = np.asarray(targets) - r0
+    inside = (t >= 0) & (t < l.shape[1])
+    lt[inside] = l[np.flatnonzero(inside), t[inside]]
+
+
+def xent_grad(logits, r0: int, targets, m, tot, weights, inv_norm: float) -> None:
+    l = logits.astype(F64)
+    d = np.exp(l - m.astype(F64)[:, None]) / tot[:, None]
+    t = np.asarray(targets) - r0
+    inside = (t >= 0) & (t < l.shape[1])
+    d[np.flatnonzero(inside), t[inside]] -= 1.0
+    d *= (np.asarray(weights, dtype=F64) * inv_norm)[:, None]
+    logits[...] = d
+
+
 # -- 6. embeddings ------------------------------------------------------------------------------
 
 def embedding_scatter_add(dst, ids, src) -> None:
