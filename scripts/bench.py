@@ -65,10 +65,11 @@ def host_sgemm(threads: int) -> float:
 
 
 def step_matmul_flops(hp, lora, tokens: np.ndarray, weights: np.ndarray, lo: np.ndarray | None,
-                      checkpointing: bool) -> float:
+                      checkpointing: bool, head_twice: bool = False) -> float:
     """Matmul FLOPs of one training step on this batch (rows of this rank): the block's projections
     (forward, dx backward, the recomputation under checkpointing), attention over the keys each query
-    sees, the output head on the positions with a loss weight, and the LoRA terms."""
+    sees, the output head on the positions with a loss weight (its logits computed a second time when
+    the head is streamed, ``head_twice``: engine.backward.head_streamed), and the LoRA terms."""
     B, T = tokens.shape
     N = B * T
     C, D, Hq = hp.n_embd, hp.head_dim, hp.n_head
@@ -82,6 +83,7 @@ def step_matmul_flops(hp, lora, tokens: np.ndarray, weights: np.ndarray, lo: np.
     fwd = hp.n_layer * (proj + attn) + head
     bwd = hp.n_layer * (proj + 2 * attn) + head
     recompute = (hp.n_layer - 1) * (proj - down + attn) if checkpointing else 0
+    recompute += head if head_twice else 0
     lora_flops = sum(2 * N * s.rank * (s.n_in + s.n_out) * 3 for s in lora.layout.specs if s.kind != "norm")
     return fwd + bwd + recompute + lora_flops
 
@@ -130,7 +132,7 @@ def main() -> None:
     from gguf_finetune.api import load_model
     from gguf_finetune.cli.common import keep_freed_memory, set_threads
     from gguf_finetune.config import AdamWConfig
-    from gguf_finetune.engine.backward import loss_and_grad
+    from gguf_finetune.engine.backward import head_streamed, loss_and_grad
     from gguf_finetune.engine.kernels import key_starts
     from gguf_finetune.lora import LoraRanks, init_lora
     from gguf_finetune.optim import adamw_step
@@ -188,7 +190,9 @@ def main() -> None:
         stats["allreduce"] += world.allreduce_seconds - t_ar
         adamw_step(lora.flat, grads.flat, m, v, it, 1.0, adam, decay)  # the trainer's optimizer step
         lo = key_starts(*rows(x).shape, 0, None if seg is None else rows(seg))
-        stats["flops"] += step_matmul_flops(hp, lora, rows(x), rows(wp), lo, ckpt)
+        n_loss = int(np.count_nonzero(rows(wp)))
+        stats["flops"] += step_matmul_flops(hp, lora, rows(x), rows(wp), lo, ckpt,
+                                            head_streamed(model.weights, n_loss, model.weights.dtype.itemsize))
         stats["positions"] += x.size
         stats["trained"] += int(np.count_nonzero(w))
         return loss
@@ -209,7 +213,8 @@ def main() -> None:
     flops = world.sum(stats["flops"])[0] / n  # every rank's products of a step
     if not world.is_root:
         return
-    peak = max(peak_before, host_sgemm(args.threads))
+    # the sgemm rate of one rank's threads, times the ranks (each rank on its own cores of this machine)
+    peak = max(peak_before, host_sgemm(args.threads)) * world.size
     mode = ("checkpointing" if ckpt else "no checkpointing") + (", low-memory" if args.low_memory else "") + \
         ("" if flash else ", no flash") + (f", {world.size} ranks" if world.size > 1 else "")
     workload = "raw text" if source is None else ("chat, packed" if not args.no_pack else
