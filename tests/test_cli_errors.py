@@ -449,6 +449,10 @@ def _build_cases() -> list[Case]:
              _copy("qwen3.gguf", "bad.gguf",
                    lambda d: _rename_tensor(d, "blk.1.attn_q_norm.weight", "blk.1.attn_x_norm.weight"))),
     ]
+    # -- packed rows hold whole records: the text pipeline's ways of filling rows contradict them ----
+    cases += [Case(f"pack-with-{other[2:]}", ft("--pack", other), 2,
+                   rf"--pack and {other}: give one of them \(packed rows hold whole records", "--pack")
+              for other in ("--fill-with-next-samples", "--sample-random-offsets")]
     # -- made for another model: refused before training starts -----------------------------------
     cases += [
         Case("checkpoint-other-architecture", ft(checkpoint_in="mamba.ckpt.gguf"), 1,
