@@ -88,30 +88,31 @@ class _Helpers:
     def __init__(self):
         self.lock = threading.Lock()  # one _split at a time uses the helpers (others run serially)
         self.todo: list = []  # one SimpleQueue per helper thread
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
 
-    def _loop(self, todo) -> None:
+    @staticmethod
+    def _loop(todo) -> None:
         while True:
-            kernel, args = todo.get()
+            kernel, args, done = todo.get()
             try:
                 kernel(*args)
-                self.done.put(None)
+                done.put(None)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                self.done.put(e)
+                done.put(e)
 
     def run(self, kernel, bounds: list[int], args: tuple) -> None:
         while len(self.todo) < len(bounds) - 2:
             q: queue.SimpleQueue = queue.SimpleQueue()
             threading.Thread(target=self._loop, args=(q,), daemon=True, name="kernels").start()
             self.todo.append(q)
+        done: queue.SimpleQueue = queue.SimpleQueue()  # this call's: an interrupted call leaves no stale result
         for i in range(1, len(bounds) - 1):
-            self.todo[i - 1].put((kernel, (*args, bounds[i], bounds[i + 1])))
+            self.todo[i - 1].put((kernel, (*args, bounds[i], bounds[i + 1]), done))
         err = None
         try:
             kernel(*args, bounds[0], bounds[1])
         finally:
             for _ in range(len(bounds) - 2):
-                e = self.done.get()
+                e = done.get()
                 err = err or e
         if err is not None:
             raise err
