@@ -208,12 +208,17 @@ def test_streamed_head_equals_row_chunks(tmp_path_factory, monkeypatch, arch, ck
     loss_rows = loss_and_grad(w, hp, lora, g_rows, tokens, targets, mask, inv, checkpointing=ckpt)
     val_rows = loss_and_grad(w, hp, lora, None, tokens, targets, mask, inv)
     calls = []
-    monkeypatch.setattr(backward, "head_rows", lambda weights, n, itemsize: 3)  # 8 loss rows: 3 row chunks
+    monkeypatch.setattr(backward, "head_rows", lambda weights, n, itemsize: 3)  # 8 loss rows > 3: streamed
+    monkeypatch.setattr(backward, "logits_bytes", lambda weights: 3 * 64 * 8)  # blocks of 3 rows
     real = backward._streamed_logits
-    monkeypatch.setattr(backward, "_streamed_logits", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(backward, "_streamed_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     loss_s = loss_and_grad(w, hp, lora, g_streamed, tokens, targets, mask, inv, checkpointing=ckpt)
     assert len(calls) == 2  # the vocabulary streamed twice: statistics, then gradients
     val_s = loss_and_grad(w, hp, lora, None, tokens, targets, mask, inv)
     assert len(calls) == 3
     assert abs(loss_s - loss_rows) <= 1e-12 * abs(loss_rows) and abs(val_s - val_rows) <= 1e-12 * abs(val_rows)
     assert np.linalg.norm(g_streamed.flat - g_rows.flat) <= 1e-12 * np.linalg.norm(g_rows.flat)
+    bad = targets.copy()
+    bad[0, 0] = hp.n_vocab
+    with pytest.raises(ValueError, match="targets"):
+        loss_and_grad(w, hp, lora, lora.like(), tokens, bad, mask, inv)

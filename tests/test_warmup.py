@@ -36,7 +36,7 @@ PROBES = {
                                     qtype="Q8_0"),
                              norm_rank=1, budget=0),
     # a vocabulary whose logits take several row chunks when streaming: the head streamed twice
-    "llama-streamed-head": dict(spec=dict(arch="llama", n_vocab=140000), budget=0),
+    "llama-streamed-head": dict(spec=dict(arch="llama", n_vocab=140000), budget=0, streamed=True),
 }
 
 
@@ -82,6 +82,10 @@ def probe(cfg: dict, folder: Path) -> list[str]:
     if cfg.get("packed"):
         seg = np.repeat([[0] * 5 + [5] * 7], B, axis=0)
         pos = np.arange(T)[None, :] - seg
+    from gguf_finetune.engine.backward import head_streamed
+
+    streamed = bool(cfg.get("streamed"))
+    assert plan.head_streamed == streamed == head_streamed(weights, int(np.count_nonzero(mask)), 4)
     grads = lora.like()
     loss_and_grad(weights, hp, lora, grads, tokens, targets, mask, 0.1, checkpointing=ckpt, flash=flash, pos=pos,
                   seg_start=seg)

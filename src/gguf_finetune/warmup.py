@@ -44,7 +44,7 @@ from .arch import FFN_DOWN, OUTPUT, TOKEN_EMBD, weight
 from .config import AdamWConfig
 from .engine import kernels as K
 from .engine.backward import head_streamed
-from .engine.forward import head_rows
+from .engine.forward import head_rows, logits_bytes
 
 NOTICE = "compiling kernels (once per install)…"
 
@@ -73,6 +73,7 @@ class Plan:
     head_chunk: int = 4096  # vocabulary columns per head chunk (model.Weights.HEAD_CHUNK_ROWS)
     evaluate: bool = False  # validation: forward and cross-entropy without gradient
     head_streamed: bool = False  # the head is not cached and its logits may take several row chunks
+    stream_rows: int = 0  # most rows of a block of a streamed head's logits (engine.backward._streamed_logits)
 
     def lora_add_variants(self) -> set[tuple[bool, bool]]:
         """(parallel, strided) kernels of kernels.lora_add the step can call: the embedding's rows
@@ -83,7 +84,13 @@ class Plan:
         out = set()
         if self.embd_adapter:
             out.add((self.rows * self.n_embd >= lim, False))
-        if self.out_adapter:
+        if self.out_adapter and self.head_streamed:  # contiguous blocks [n, columns of a chunk]
+            V, chunk = self.n_vocab, self.head_chunk
+            widths = {min(V, chunk)} | ({V % chunk} if V > chunk and V % chunk else set())
+            out.add((False, False))
+            if self.rows * self.n_embd >= lim or any(self.stream_rows * w >= lim for w in widths):
+                out.add((True, False))
+        elif self.out_adapter:
             n, V, chunk = max(1, self.head_rows), self.n_vocab, self.head_chunk
             out.add((False, False))  # the gradient of few rows (and a chunk of one row: contiguous)
             if n * self.n_embd >= lim:
@@ -109,7 +116,8 @@ def plan_for(weights, hp, lora, flash: bool, checkpointing: bool, rows: int, eva
                 out_adapter=weight(OUTPUT) in names, rows=int(rows),
                 head_rows=head_rows(weights, max(1, int(rows)), dt.itemsize), n_embd=hp.n_embd,
                 n_vocab=hp.n_vocab, head_chunk=weights.HEAD_CHUNK_ROWS, evaluate=bool(evaluate),
-                head_streamed=head_streamed(weights, max(1, int(rows)), dt.itemsize))
+                head_streamed=head_streamed(weights, max(1, int(rows)), dt.itemsize),
+                stream_rows=max(1, min(int(rows), logits_bytes(weights) // (weights.HEAD_CHUNK_ROWS * dt.itemsize))))
 
 
 @dataclass(frozen=True)

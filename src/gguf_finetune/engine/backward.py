@@ -45,6 +45,7 @@ from .forward import (
     head_logits,
     head_rows,
     layer_forward,
+    logits_bytes,
     norm_weight,
 )
 
@@ -179,57 +180,71 @@ def head_streamed(weights, n_rows: int, itemsize: int) -> bool:
     return not weights.cache_head and head_rows(weights, n_rows, itemsize) < n_rows
 
 
-def _streamed_logits(weights, hn: np.ndarray, us, b, buf: np.ndarray):
-    """Yield (r0, r1, Wc, logits [N, r1 − r0] of that chunk of the vocabulary, t or None) for every
-    chunk of the head: the dequantized rows Wc are valid until the next chunk; with soft-capping
-    the logits are capped and t = capped / c."""
+def _streamed_logits(weights, hn: np.ndarray, us, b, capped: bool = False):
+    """Yield (n0, n1, r0, r1, Wc, logits [n1 − n0, r1 − r0], t or None): the head's logits over
+    chunks of the vocabulary (each chunk's rows Wc dequantized once, valid until the next), each in
+    blocks of rows so that a block holds at most :func:`logits_bytes`.  With soft-capping the logits
+    are capped; ``capped`` also asks for t = capped / c (the backward's 1 − t²)."""
     N = hn.shape[0]
+    cols = weights.HEAD_CHUNK_ROWS
+    nb = max(1, min(N, logits_bytes(weights) // (cols * hn.dtype.itemsize)))  # rows per block
+    buf = np.empty(nb * min(cols, weights.hp.n_vocab), dtype=hn.dtype)
     c = weights.hp.softcap
     for r0, r1, Wc in weights.head_chunks():
-        out = buf[: N * (r1 - r0)].reshape(N, r1 - r0)  # [N, rows of this chunk], contiguous
-        np.matmul(hn, Wc.T, out=out)
-        if us is not None:
-            K.lora_add(out, us, b[r0:r1])
-        t = None
-        if c:
-            out /= c
-            np.tanh(out, out=out)
-            t = out.copy()
-            out *= c
-        yield r0, r1, Wc, out, t
+        for n0 in range(0, N, nb):
+            n1 = min(N, n0 + nb)
+            out = buf[: (n1 - n0) * (r1 - r0)].reshape(n1 - n0, r1 - r0)  # contiguous
+            np.matmul(hn[n0:n1], Wc.T, out=out)
+            if us is not None:
+                K.lora_add(out, us[n0:n1], b[r0:r1])
+            t = None
+            if c:
+                out /= c
+                np.tanh(out, out=out)
+                t = out.copy() if capped else None
+                out *= c
+            yield n0, n1, r0, r1, Wc, out, t
+
+
+def _streamed_nll(weights, hn: np.ndarray, targets: np.ndarray, us, b):
+    """First pass of a streamed head: nll [N] (float64) and each row's max m [N] and Σ exp(l − m)
+    tot [N] over the whole vocabulary (:func:`kernels.xent_stats`)."""
+    N = hn.shape[0]
+    m = np.full(N, -np.inf, dtype=hn.dtype)
+    tot = np.zeros(N)
+    lt = np.zeros(N)
+    for n0, n1, r0, _, _, logits, _ in _streamed_logits(weights, hn, us, b):
+        K.xent_stats(logits, r0, targets[n0:n1], m[n0:n1], tot[n0:n1], lt[n0:n1])
+    return np.log(tot) + m - lt, m, tot
 
 
 def _head_loss_streamed(weights, hn: np.ndarray, targets: np.ndarray, mask: np.ndarray, inv_norm: float,
                         lora: LoraParams | None, grads: LoraParams | None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`head_loss_backward` for a head that is not cached when its logits would take several
     row chunks (a 262k-token vocabulary): each row chunk would dequantize the whole head twice.
-    Instead the vocabulary is streamed twice over all rows, in chunks of columns [N, 4096]: once for
-    each row's max and Σ exp (:func:`kernels.xent_stats`), once to recompute the chunk's logits and
-    turn them into their gradient (:func:`kernels.xent_grad`).  Two dequantizations of the head and
-    one extra product instead of two per row chunk; the memory is one [N, 4096] chunk."""
-    N, C = hn.shape
+    Instead the vocabulary is streamed twice in chunks of columns: once for each row's max and
+    Σ exp (:func:`_streamed_nll`), once to recompute each chunk's logits and turn them into their
+    gradient (:func:`kernels.xent_grad`).  Two dequantizations of the head and one extra product
+    instead of two per row chunk; the logits held at once stay under :func:`logits_bytes`."""
+    N = hn.shape[0]
+    targets = K._xent_targets(targets, N, weights.hp.n_vocab)
+    mask = np.ascontiguousarray(mask, dtype=np.float64)
     la = _lora(lora, weight(OUTPUT))
-    us = u = b = None
+    u = us = b = None
     if la is not None:
         a, b, s = la
         u = hn @ a  # [N, r]
         us = u * s
-    buf = np.empty(N * weights.HEAD_CHUNK_ROWS, dtype=hn.dtype)
-    m = np.full(N, -np.inf, dtype=hn.dtype)
-    tot = np.zeros(N, dtype=np.float64)
-    lt = np.zeros(N, dtype=np.float64)
-    for r0, _, _, logits, _ in _streamed_logits(weights, hn, us, b, buf):
-        K.xent_stats(logits, r0, targets, m, tot, lt)
-    nll = np.log(tot) + m - lt
+    nll, m, tot = _streamed_nll(weights, hn, targets, us, b)
     dhn = np.zeros_like(hn)
-    dlb = None if la is None else np.zeros((N, a.shape[1]), dtype=hn.dtype)
-    for r0, r1, Wc, dl, t in _streamed_logits(weights, hn, us, b, buf):
-        K.xent_grad(dl, r0, targets, m, tot, mask, inv_norm)  # logits := dlogits
+    dlb = None if la is None else np.zeros_like(u)
+    for n0, n1, r0, r1, Wc, dl, t in _streamed_logits(weights, hn, us, b, capped=True):
+        K.xent_grad(dl, r0, targets[n0:n1], m[n0:n1], tot[n0:n1], mask[n0:n1], inv_norm)  # logits := dlogits
         if t is not None:
             dl *= 1 - t * t
-        dhn += dl @ Wc  # [N, C]
+        dhn[n0:n1] += dl @ Wc  # [n, C]
         if la is not None:
-            dlb += K.lora_wide_backward(dl, u, b[r0:r1], s, grads.b[weight(OUTPUT)][r0:r1])
+            dlb[n0:n1] += K.lora_wide_backward(dl, u[n0:n1], b[r0:r1], s, grads.b[weight(OUTPUT)][r0:r1])
     if la is not None:
         grads.a[weight(OUTPUT)] += s * (hn.T @ dlb)  # [C, r]
         K.lora_add(dhn, dlb * s, a)
@@ -325,20 +340,15 @@ def eval_loss(weights, hp: HParams, lora: LoraParams | None, tokens: np.ndarray,
     keep = _loss_rows(m)
     if keep is not None:
         hn, tg, m = np.ascontiguousarray(hn[keep]), tg[keep], m[keep]
-    rows = head_rows(weights, hn.shape[0], hn.dtype.itemsize)
-    if head_streamed(weights, hn.shape[0], hn.dtype.itemsize):  # stream the head once (_head_loss_streamed)
-        N = hn.shape[0]
+    if head_streamed(weights, hn.shape[0], hn.dtype.itemsize):  # the vocabulary streamed once
         la = _lora(lora, weight(OUTPUT))
         us = b = None
         if la is not None:
             a, b, s = la
             us = (hn @ a) * s
-        mx = np.full(N, -np.inf, dtype=hn.dtype)
-        tot, lt = np.zeros(N), np.zeros(N)
-        buf = np.empty(N * weights.HEAD_CHUNK_ROWS, dtype=hn.dtype)
-        for r0, _, _, logits, _ in _streamed_logits(weights, hn, us, b, buf):
-            K.xent_stats(logits, r0, tg, mx, tot, lt)
-        return float(np.dot(np.log(tot) + mx - lt, m)) * inv_norm
+        nll, _, _ = _streamed_nll(weights, hn, K._xent_targets(tg, hn.shape[0], hp.n_vocab), us, b)
+        return float(np.dot(nll, m)) * inv_norm
+    rows = head_rows(weights, hn.shape[0], hn.dtype.itemsize)
     total = 0.0
     for n0 in range(0, hn.shape[0], rows):
         n1 = min(hn.shape[0], n0 + rows)

@@ -287,12 +287,17 @@ def embed_forward(weights, tokens: np.ndarray, lora: LoraParams | None) -> np.nd
     return x
 
 
+def logits_bytes(weights) -> int:
+    """The most bytes of logits the head holds at once: 64 MB (256 rows of a 49152-token vocabulary),
+    8 MB when streaming weights in low-memory mode."""
+    return (64 << 20) if weights.cache_layers else (8 << 20)
+
+
 def head_rows(weights, n_rows: int, itemsize: int) -> int:
-    """Rows per chunk so that one chunk of logits [rows, V] stays under the weights' limit
-    (64 MB: 256 rows of a 49152-token vocabulary in one chunk, so each head chunk is dequantized
-    once for the forward and once for the backward; 8 MB when streaming weights in low-memory mode)."""
-    max_bytes = (64 << 20) if weights.cache_layers else (8 << 20)
-    return max(1, min(n_rows, max_bytes // max(1, weights.hp.n_vocab * itemsize)))
+    """Rows per chunk so that one chunk of logits [rows, V] stays under :func:`logits_bytes` (for
+    SmolLM2 at ctx 256 one chunk, so each head chunk is dequantized once for the forward and once
+    for the backward)."""
+    return max(1, min(n_rows, logits_bytes(weights) // max(1, weights.hp.n_vocab * itemsize)))
 
 
 def head_logits(weights, hn: np.ndarray, lora: LoraParams | None) -> tuple[np.ndarray, np.ndarray | None]:
