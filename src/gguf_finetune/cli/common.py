@@ -132,9 +132,9 @@ def set_threads(n: int) -> int:
     numba cannot exceed ``numba.config.NUMBA_NUM_THREADS`` (the CPU count unless the environment
     says otherwise), so ``n`` is clamped to it; BLAS is clamped to the CPUs this process may use.
     BLAS is limited with threadpoolctl when that is installed (works at any time); otherwise through
-    the OPENBLAS/MKL/BLIS/OMP_NUM_THREADS variables, which only take effect if numpy (and with it
-    its BLAS) has not been imported yet in this process, and in child processes.  So call this
-    early: right after parsing the command line.
+    the OPENBLAS/MKL/BLIS/OMP_NUM_THREADS variables when numpy (and with it its BLAS) has not been
+    imported yet in this process (they also reach child processes), and once it has, through the
+    loaded OpenBLAS's own setter (:func:`limit_openblas`; other BLAS libraries keep their count).
     """
     if n < 1:
         raise ValueError(f"thread count must be positive, got {n}")
