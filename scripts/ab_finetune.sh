@@ -9,6 +9,7 @@
 # the time of one iteration without start-up.  Run it on a warm kernel cache (a run of each first).
 # The bench scripts' own harnesses differ between checkouts; this compares what a user runs.
 set -euo pipefail
+shopt -s inherit_errexit  # a failed run inside $(...) stops the script
 before=$(realpath "$1"); after=$(realpath "$2"); runs=${RUNS:-3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 data=$repo/tests/data/text/shakespeare.txt
@@ -17,8 +18,10 @@ wall() {  # src iterations flags... -> seconds
   local src=$1 n=$2; shift 2
   local w; w=$(mktemp -d)
   local t0; t0=$(date +%s.%N)
-  (cd "$w" && PYTHONPATH=$src python -m gguf_finetune finetune --model-base "$model" --train-data "$data" \
-     --ctx 256 --batch 1 --adam-iter "$n" --threads 2 --save-every 0 --no-progress "$@" > log.txt 2>&1)
+  if ! (cd "$w" && PYTHONPATH=$src python -m gguf_finetune finetune --model-base "$model" --train-data "$data" \
+       --ctx 256 --batch 1 --adam-iter "$n" --threads 2 --save-every 0 --no-progress "$@" > log.txt 2>&1); then
+    echo "ab_finetune: finetune failed with $src:" >&2; tail -3 "$w/log.txt" >&2; rm -rf "$w"; exit 1
+  fi
   local t1; t1=$(date +%s.%N)
   rm -rf "$w"
   python -c "print(f'{$t1 - $t0:.3f}')"
