@@ -130,7 +130,7 @@ def job(name):
     def run():
         with open(log, "a") as fh:
             fh.write(f"{name} {order}\\n")
-        time.sleep(0.02)
+        time.sleep(0.25)  # 12 jobs outlast the other process's start-up (numba import)
     return Job(name, (), run)
 names = [f"j{i}" for i in range(12)]
 run_unclaimed([job(n) for n in names], names if order == "front" else names[::-1], claims)
