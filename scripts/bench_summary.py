@@ -3,6 +3,7 @@
 
     python scripts/bench_summary.py                 # a table per kind
     python scripts/bench_summary.py --write-docs    # also into each kind's section of docs/PERFORMANCE.md
+                                                    # or docs/BENCHMARKS.md
     python scripts/bench_summary.py --series step   # every recorded "step" row in time order, median per key
 
 The benchmark scripts append one row per measurement (``--record``, scripts/benchlib.py); a row's
@@ -40,16 +41,19 @@ class Kind:
     columns: tuple[tuple, ...]  # (field, header) or (field, header, format); a column no row has is left out
     measures: tuple[str, ...]  # the numbers --series takes the median of
     quiet: tuple[str, ...] = field(default=())  # recorded, not shown (other unknown fields get a column)
+    shown: dict = field(default_factory=dict)  # field -> the values whose rows the summary shows (default: all)
 
 
 KINDS: dict[str, Kind] = {
     "step": Kind(
-        key=("model", "mode"),
-        columns=(("model", "model"), ("mode", "mode"), ("ctx", "ctx"), ("batch", "batch"), ("threads", "threads"),
+        key=("model", "workload", "mode", "ctx", "batch", "ranks"),
+        columns=(("model", "model"), ("workload", "workload"), ("mode", "mode"), ("ctx", "ctx"), ("batch", "batch"),
+                 ("threads", "threads"),
                  ("tokens_per_s", "tokens/s"), ("trained_tokens_per_s", "trained tokens/s"),
                  ("peak_rss_mb", "peak RSS MB"), ("matmul_gflops", "matmul GFLOP/s"),
                  ("sgemm_gflops", "sgemm GFLOP/s"), ("bound", "of bound", percent)),
-        measures=("tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "matmul_gflops", "sgemm_gflops", "bound")),
+        measures=("tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "matmul_gflops", "sgemm_gflops", "bound"),
+        quiet=("arch", "ranks", "steps", "step_ms", "allreduce_ms_per_step", "loss")),
     "peers": Kind(
         key=("model", "workload"),
         columns=(("model", "model"), ("workload", "workload"), ("unit", "unit"), ("ours", "ours"), ("peers", "transformers + PEFT"),
@@ -71,7 +75,8 @@ KINDS: dict[str, Kind] = {
         columns=(("model", "model"), ("lora_r", "rank"), ("grad_mb", "gradients MB"), ("step_s", "step s"),
                  ("gbit_s", "Gbit/s"), ("machines", "machines"), ("allreduce_ms", "Allreduce ms"),
                  ("tokens_per_s", "tokens/s"), ("efficiency", "of linear", percent)),
-        measures=("step_s", "allreduce_ms", "tokens_per_s", "efficiency")),
+        measures=("step_s", "allreduce_ms", "tokens_per_s", "efficiency"),
+        shown={"machines": (1, 4, 16)}),  # (--series: every count recorded)
     "startup": Kind(
         key=("cache",),
         columns=(("cache", "cache"), ("seconds_to_first_iteration", "s to first iteration"),
@@ -254,7 +259,7 @@ def render(kind: Kind, rows: list[dict], per_row: list[str]) -> str:
 def summary(name: str, rows: list[dict]) -> str:
     """A kind's section: the stamp line and the table of the newest row per key."""
     kind = kind_of(name, rows)
-    top = newest(kind, rows)
+    top = [r for r in newest(kind, rows) if all(r.get(f) in vals for f, vals in kind.shown.items())]
     line, per_row = stamp(top)
     return f"{line}\n\n{render(kind, top, per_row)}\n"
 
@@ -305,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help=f"the results file (default: ${benchlib.RESULTS_ENV} or docs/results.jsonl)")
     ap.add_argument("--write-docs", action="store_true", help="write each kind's table into its section of --doc")
-    ap.add_argument("--doc", type=Path, default=benchlib.DOC, help="the document (default: docs/PERFORMANCE.md)")
+    ap.add_argument("--doc", type=Path, action="append", default=None,
+                    help="a document with sections (repeatable; default: docs/PERFORMANCE.md and docs/BENCHMARKS.md)")
     ap.add_argument("--series", metavar="KIND", help="print every row of KIND in time order and the median per key")
     args = ap.parse_args(argv)
 
@@ -320,19 +326,22 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(series(args.series, kinds[args.series]), end="")
         return 0
-    if args.write_docs and not args.doc.exists():
-        print(f"bench_summary: {args.doc} does not exist", file=sys.stderr)
+    docs = args.doc or [benchlib.DOC, benchlib.DOC.with_name("BENCHMARKS.md")]
+    missing = [d for d in docs if not d.exists()]
+    if args.write_docs and missing:
+        print(f"bench_summary: {missing[0]} does not exist", file=sys.stderr)
         return 1
     for i, (name, rows) in enumerate(kinds.items()):
         body = summary(name, rows)
         print(("\n" if i else "") + f"## {name}\n\n{body}", end="")
         if args.write_docs:
-            if has_section(args.doc, name):
-                benchlib.write_section(name, body, args.doc)
-            else:
+            targets = [d for d in docs if has_section(d, name)]
+            for doc in targets:
+                benchlib.write_section(name, body, doc)
+            if not targets:
                 begin, end = benchlib._markers(name)
-                print(f"bench_summary: {args.doc} has no section {name!r} (markers {begin} and {end}); "
-                      "skipped", file=sys.stderr)
+                print(f"bench_summary: {' '.join(map(str, docs))}: no section {name!r} (markers {begin} and "
+                      f"{end}); skipped", file=sys.stderr)
     return 0
 
 

@@ -199,8 +199,8 @@ def test_bench_summary_series_gives_every_row_and_the_medians(summary_results, c
     listing, medians = out.split("Median per key:")
     lines = [ln for ln in listing.splitlines() if ln.startswith("| SmolLM2")]
     assert [ln.split(" | ")[5] for ln in lines] == ["100.0", "140.0", "160.0", "220.0"]  # in time order
-    assert "| SmolLM2 | checkpointing | 3 | 140.0 |" in medians
-    assert "| SmolLM2 | no-checkpointing | 1 | 220.0 | 210.0 |" in medians
+    assert "| SmolLM2 | – | checkpointing | 256 | 1 | – | 3 | 140.0 |" in medians  # key: model … ranks
+    assert "| SmolLM2 | – | no-checkpointing | 256 | 1 | – | 1 | 220.0 | 210.0 |" in medians
     assert summary.main(["--series", "nothing"]) == 1
 
 
