@@ -62,30 +62,10 @@ TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 DEFAULT_ATTN = "sdpa"
 
 # Used with --chat-template NAME when the GGUF has no tokenizer.chat_template (Gemma 3's GGUF has
-# none); the same text as gguf-finetune's built-in templates of that name.
-BUILTIN_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "gemma": (
-        "{{ bos_token }}"
-        "{% if messages and messages[0]['role'] == 'system' %}"
-        "{% set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
-        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
-        "{% for message in loop_messages %}"
-        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-        "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-        "{% endif %}"
-        "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim "
-        "+ '<end_of_turn>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-    ),
-}
+# none): gguf-finetune's own built-in templates, so both sides render the same text.  The module
+# needs only the standard library, so it imports in the peers' environment too.
+sys.path.insert(0, str(REPO / "src"))
+from gguf_finetune.data.chat_template import BUILTIN_TEMPLATES  # noqa: E402
 
 
 class StageError(Exception):
