@@ -91,9 +91,7 @@ def instrument(timers: Timers):
         if lora is None:
             return dx
         a, b, s = lora
-        dyb = K.lora_forward(dy, b, a, s, dx)
-        grads.b[name] += s * (dy.T @ u)
-        grads.a[name] += s * (x.T @ dyb)
+        K.lora_backward(dy, x, u, a, b, s, dx, grads.a[name], grads.b[name])
         timers.add("LoRA terms, backward (dx, da, db)", time.perf_counter() - t1)
         return dx
 

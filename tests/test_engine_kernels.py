@@ -230,6 +230,58 @@ def test_lora_forward_matches_reference(dtype, r):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 4, 6])
+def test_lora_forward_in_parallel_is_the_serial_kernel(dtype, r, monkeypatch):
+    rng = np.random.default_rng(43)
+    x, a, b = rnd(rng, 70, 37, dtype=dtype), rnd(rng, 37, r, dtype=dtype), rnd(rng, 21, r, dtype=dtype)
+    y = rnd(rng, 70, 21, dtype=dtype)
+    serial = y.copy()
+    u = K.lora_forward(x, a, b, 0.7, serial)
+    monkeypatch.setattr(K, "LORA_PARALLEL_ROWS", 1)  # rows in parallel: each row's arithmetic unchanged
+    par = y.copy()
+    assert np.array_equal(K.lora_forward(x, a, b, 0.7, par), u) and np.array_equal(par, serial)
+    assert np.array_equal(K.lora_u(x, a), u)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,r", [(1, 1), (5, 4), (64, 3), (130, 4), (200, 9)])
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_lora_backward_matches_reference(dtype, N, r, with_dx):
+    rng = np.random.default_rng(44)
+    n_in, n_out = 37, 23
+    dy, x = rnd(rng, N, n_out, dtype=dtype), rnd(rng, N, n_in, dtype=dtype)
+    a, b = rnd(rng, n_in, r, dtype=dtype), rnd(rng, n_out, r, dtype=dtype)
+    u = x @ a
+    dx = rnd(rng, N, n_in, dtype=dtype) if with_dx else None
+    flat = np.zeros(a.size + b.size + 3, dtype=dtype)  # the gradients as views into a flat buffer
+    da, db = flat[3:3 + a.size].reshape(a.shape), flat[3 + a.size:].reshape(b.shape)
+    da[...], db[...] = rnd(rng, n_in, r, dtype=dtype), rnd(rng, n_out, r, dtype=dtype)
+    want = [None if dx is None else dx.copy(), da.copy(), db.copy()]
+    R.lora_backward(dy, x, u, a, b, 0.7, *want)
+    got_dx = None if dx is None else dx.copy()
+    K.lora_backward(dy, x, u, a, b, 0.7, got_dx, da, db)
+    if with_dx:
+        close(got_dx, want[0], dtype)
+    close(da, want[1], dtype)
+    close(db, want[2], dtype)
+    # the sums go over fixed chunks of rows: the same bits with one thread
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        da1, db1 = want[1] * 0, want[2] * 0
+        K.lora_backward(dy, x, u, a, b, 0.7, None, da1, db1)
+    finally:
+        numba.set_num_threads(before)
+    da2, db2 = da1 * 0, db1 * 0
+    K.lora_backward(dy, x, u, a, b, 0.7, None, da2, db2)
+    assert np.array_equal(da1, da2) and np.array_equal(db1, db2)
+    with pytest.raises(ValueError):
+        K.lora_backward(dy, x, u, a, rnd(rng, n_out, r + 1, dtype=dtype), 0.7, None, da, db)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,n_out", [(5, 7), (1, 1024), (7, 2500), (8, 1030)])
 def test_lora_wide_backward_matches_reference(dtype, N, n_out):
     rng = np.random.default_rng(42)

@@ -37,6 +37,8 @@ PROBES = {
                              norm_rank=1, budget=0),
     # a vocabulary whose logits take several row chunks when streaming: the head streamed twice
     "llama-streamed-head": dict(spec=dict(arch="llama", n_vocab=140000), budget=0, streamed=True),
+    # a step of as many rows as kernels.LORA_PARALLEL_ROWS: the LoRA forward's parallel kernels
+    "qwen2-parallel-lora": dict(spec=dict(arch="qwen2"), lora_parallel_rows=24),
 }
 
 
@@ -69,6 +71,10 @@ def probe(cfg: dict, folder: Path) -> list[str]:
     lora = LoraParams(layout, alpha=2.0, flat=(rng.standard_normal(layout.size) * 0.1).astype(np.float32))
     flash, ckpt, evaluate = cfg.get("flash", True), cfg.get("checkpointing", True), cfg.get("evaluate", False)
     B, T = 2, 12
+    if "lora_parallel_rows" in cfg:
+        from gguf_finetune.engine import kernels as K
+
+        K.LORA_PARALLEL_ROWS = cfg["lora_parallel_rows"]
     plan = warmup.plan_for(weights, hp, lora, flash, ckpt, B * T, evaluate)
     warmup.compile_dequantizers(f.tensors.values())
     for job in warmup.jobs(plan):

@@ -58,9 +58,7 @@ def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, lora, u, grads
     if lora is None:
         return dx
     a, b, s = lora
-    dyb = K.lora_forward(dy, b, a, s, dx)  # dyb = dy·b [N, r]; dx += s·dyb·aᵀ
-    grads.b[name] += s * (dy.T @ u)  # [n_out, r]
-    grads.a[name] += s * (x.T @ dyb)  # [n_in, r]
+    K.lora_backward(dy, x, u, a, b, s, dx, grads.a[name], grads.b[name])  # dx += s·(dy·b)·aᵀ; da, db
     return dx
 
 

@@ -11,8 +11,9 @@ one or two ``@njit`` kernels.  Conventions:
 * every result is deterministic run to run: a ``prange`` iteration (or a work item of
   :func:`_split`) writes only its own output slots, and every sum has a fixed order;
 * ``parallel=True`` only where it pays: the materialized attention's softmax, SwiGLU/GeGLU,
-  cross-entropy and the output adapter's passes over the logits.  RMSNorm, RoPE and the LoRA terms
-  of the layers are serial: they are memory-bound, take ~0.02-0.3 ms at SmolLM2 size, waking
+  cross-entropy, the output adapter's passes over the logits, the LoRA terms' backward (fixed
+  chunks of rows) and their forward from :data:`LORA_PARALLEL_ROWS` rows on.  RMSNorm and RoPE are
+  serial: they are memory-bound, take ~0.02-0.3 ms, waking
   numba's sleeping workers costs ~40 µs per call, and each parallel kernel adds ~0.5-2 s of
   first-run compilation per dtype;
 * flash attention runs on several threads without ``parallel=True``: one serial ``nogil`` kernel
@@ -608,12 +609,24 @@ def _lora_u_row(x, n, aT, u):  # pragma: no cover - compiled
         k += 1
 
 
+LORA_PARALLEL_ROWS = 512  # lora_forward and lora_u use the workers from this many rows on: a step of
+# packed rows (0.3-0.7 ms a call, memory-bound); below, the wake-up costs about what it saves
+
+
 @njit(cache=True, fastmath={"contract", "reassoc"})
 def _lora_fwd(x, aT, bT, s, y, u):  # pragma: no cover - compiled
     # x [N, n_in], aT [r, n_in], bT [r, n_out]: u = x·a [N, r]; y [N, n_out] += s·u·bᵀ.  Rows are
     # independent, so both products run in one pass per row with no BLAS call and no temporary.
-    # On the calling thread: at these sizes (tens of µs) waking the workers costs more than it saves.
+    # On the calling thread: for a few rows waking the workers costs more than it saves.
     for n in range(x.shape[0]):
+        _lora_u_row(x, n, aT, u)
+        _lora_add_row(y[n], u, n, s, bT)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+def _lora_fwd_par(x, aT, bT, s, y, u):  # pragma: no cover - compiled
+    # _lora_fwd with rows in parallel: each row's arithmetic is the serial kernel's (bit for bit)
+    for n in prange(x.shape[0]):
         _lora_u_row(x, n, aT, u)
         _lora_add_row(y[n], u, n, s, bT)
 
@@ -624,13 +637,20 @@ def _lora_u(x, aT, u):  # pragma: no cover - compiled
         _lora_u_row(x, n, aT, u)
 
 
+@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+def _lora_u_par(x, aT, u):  # pragma: no cover - compiled
+    for n in prange(x.shape[0]):
+        _lora_u_row(x, n, aT, u)
+
+
 def lora_u(x, a):
     """u = x·a [N, r] exactly as :func:`lora_forward` computes it (x [N, n_in], a [n_in, r]): what the
     backward of an adapted linear needs when its output is not (recomputation under checkpointing)."""
     if x.ndim != 2 or a.ndim != 2 or a.shape[0] != x.shape[1] or a.dtype != x.dtype:
         raise ValueError(f"lora_u: x {x.shape} {x.dtype}, a {a.shape} {a.dtype} do not fit")
     u = np.empty((x.shape[0], a.shape[1]), dtype=x.dtype)
-    _lora_u(np.ascontiguousarray(x), np.ascontiguousarray(a.T), u)
+    kernel = _lora_u_par if x.shape[0] >= LORA_PARALLEL_ROWS else _lora_u
+    kernel(np.ascontiguousarray(x), np.ascontiguousarray(a.T), u)
     return u
 
 
@@ -645,8 +665,96 @@ def lora_forward(x, a, b, s: float, y):
     if not (x.dtype == a.dtype == b.dtype == y.dtype):
         raise ValueError("lora_forward: x, a, b and y must have the same dtype")
     u = np.empty((x.shape[0], a.shape[1]), dtype=x.dtype)
-    _lora_fwd(np.ascontiguousarray(x), np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), x.dtype.type(s), y, u)
+    kernel = _lora_fwd_par if x.shape[0] >= LORA_PARALLEL_ROWS else _lora_fwd
+    kernel(np.ascontiguousarray(x), np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), x.dtype.type(s), y, u)
     return u
+
+
+LORA_ROWS = 64  # rows per work item of lora_backward: a fixed split, so sums do not depend on threads
+
+
+@njit(cache=True, fastmath={"contract", "reassoc"}, inline="always")
+def _outer_rows(acc, w, n, nb, X):  # pragma: no cover - compiled
+    # acc [r, m] += Σ_{i < nb} w[n + i]ᵀ·X[n + i] (w [N, r], X [N, m], nb of 1..4 rows): four rows per
+    # pass over acc, so each accumulator is loaded and stored once per four rows
+    r = acc.shape[0]
+    m = acc.shape[1]
+    zero = acc.dtype.type(0)
+    x0 = X[n]
+    x1 = X[n + min(1, nb - 1)]  # rows past the last one repeat it with weight 0
+    x2 = X[n + min(2, nb - 1)]
+    x3 = X[n + min(3, nb - 1)]
+    for k in range(r):
+        w0 = w[n, k]
+        w1 = w[n + 1, k] if nb > 1 else zero
+        w2 = w[n + 2, k] if nb > 2 else zero
+        w3 = w[n + 3, k] if nb > 3 else zero
+        ak = acc[k]
+        for j in range(m):
+            ak[j] += w0 * x0[j] + w1 * x1[j] + w2 * x2[j] + w3 * x3[j]
+
+
+@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
+def _lora_bwd(dy, x, u, aT, bT, s, with_dx, dx, dyb, dbp, dap):  # pragma: no cover - compiled
+    # dy [N, n_out], x [N, n_in], u [N, r] (= x·a), aT [r, n_in], bT [r, n_out] ->
+    #   dyb [N, r] = dy·b;  dx [N, n_in] += s·dyb·aᵀ (if with_dx);
+    #   per chunk c of LORA_ROWS rows: dbp[c] [r, n_out] = Σ uᵀ·dy,  dap[c] [r, n_in] = Σ dybᵀ·x.
+    # Chunks in parallel; within a chunk, rows four at a time: dy's rows are read from memory once
+    # (for dy·b, then again from cache for the b gradient), x's and dx's once.
+    N = dy.shape[0]
+    for c in prange(dbp.shape[0]):
+        n0 = c * LORA_ROWS
+        n1 = min(N, n0 + LORA_ROWS)
+        db = dbp[c]
+        da = dap[c]
+        db[:, :] = 0
+        da[:, :] = 0
+        n = n0
+        while n < n1:
+            nb = min(4, n1 - n)
+            for i in range(n, n + nb):
+                _lora_u_row(dy, i, bT, dyb)
+                if with_dx:
+                    _lora_add_row(dx[i], dyb, i, s, aT)
+            _outer_rows(db, u, n, nb, dy)
+            _outer_rows(da, dyb, n, nb, x)
+            n += nb
+
+
+def lora_backward(dy, x, u, a, b, s: float, dx, da, db) -> None:
+    """The adapter's backward of y = x·Wᵀ + s·(x·a)·bᵀ, fused: dx [N, n_in] += s·(dy·b)·aᵀ (dx None:
+    not wanted), and the gradients da [n_in, r] += s·xᵀ·(dy·b), db [n_out, r] += s·dyᵀ·u, all in
+    place (u = x·a [N, r]).
+
+    numpy's three products read dy twice, x once and write a temporary of dx's size, each on one
+    thread at r of a few columns; this is one parallel pass over dy, x and dx in fixed chunks of
+    rows (:data:`LORA_ROWS`), whose partial sums are then added in chunk order.
+    """
+    N, n_out = dy.shape
+    n_in, r = a.shape
+    with_dx = dx is not None
+    if not with_dx:
+        dx = np.empty((0, n_in), dtype=dy.dtype)
+    if x.shape != (N, n_in) or u.shape != (N, r) or b.shape != (n_out, r) or dx.shape != (N if with_dx else 0, n_in) \
+            or da.shape != a.shape or db.shape != b.shape:
+        raise ValueError(f"lora_backward: dy {dy.shape}, x {x.shape}, u {u.shape}, a {a.shape}, b {b.shape}, "
+                         f"dx {dx.shape} do not fit")
+    if not (dy.dtype == x.dtype == u.dtype == a.dtype == b.dtype == dx.dtype):
+        raise ValueError("lora_backward: dy, x, u, a, b and dx must have the same dtype")
+    if not dx.flags.c_contiguous:
+        raise ValueError("lora_backward: dx must be C-contiguous (it is updated in place)")
+    n_chunks = max(1, -(-N // LORA_ROWS))
+    dbp = np.empty((n_chunks, r, n_out), dtype=dy.dtype)
+    dap = np.empty((n_chunks, r, n_in), dtype=dy.dtype)
+    dyb = np.empty((N, r), dtype=dy.dtype)
+    c = np.ascontiguousarray
+    _lora_bwd(c(dy), c(x), c(u), c(a.T), c(b.T), dy.dtype.type(s), with_dx, dx, dyb, dbp, dap)
+    dbT = np.empty((r, n_out), dtype=dy.dtype)
+    daT = np.empty((r, n_in), dtype=dy.dtype)
+    _sum_parts(dbp, dbT)
+    _sum_parts(dap, daT)
+    db += s * dbT.T
+    da += s * daT.T
 
 
 def lora_add(y, us, b) -> None:

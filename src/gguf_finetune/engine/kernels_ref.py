@@ -107,6 +107,14 @@ def lora_forward(x, a, b, s: float, y):
     return u
 
 
+def lora_backward(dy, x, u, a, b, s: float, dx, da, db) -> None:
+    dyb = dy @ b
+    if dx is not None:
+        dx += s * (dyb @ a.T)
+    da += s * (x.T @ dyb)
+    db += s * (dy.T @ u)
+
+
 def lora_add(y, us, b) -> None:
     y += us @ b.T
 
