@@ -69,7 +69,10 @@ def step_matmul_flops(hp, lora, tokens: np.ndarray, weights: np.ndarray, lo: np.
     """Matmul FLOPs of one training step on this batch (rows of this rank): the block's projections
     (forward, dx backward, the recomputation under checkpointing), attention over the keys each query
     sees, the output head on the positions with a loss weight (its logits computed a second time when
-    the head is streamed, ``head_twice``: engine.backward.head_streamed), and the LoRA terms."""
+    the head is streamed, ``head_twice``: engine.backward.head_streamed), and the LoRA terms.  The
+    first block's q, k, v products into dx are not run when nothing below them is trained."""
+    from gguf_finetune.arch import ATTN_K, ATTN_NORM, ATTN_Q, ATTN_QKV, ATTN_V, TOKEN_EMBD, weight  # (after sys.path)
+
     B, T = tokens.shape
     N = B * T
     C, D, Hq = hp.n_embd, hp.head_dim, hp.n_head
@@ -82,6 +85,10 @@ def step_matmul_flops(hp, lora, tokens: np.ndarray, weights: np.ndarray, lo: np.
     head = 2 * n_loss * C * hp.n_vocab
     fwd = hp.n_layer * (proj + attn) + head
     bwd = hp.n_layer * (proj + 2 * attn) + head
+    names = {sp.name for sp in lora.layout.specs}
+    if not names & {weight(TOKEN_EMBD), weight(ATTN_NORM, 0)}:  # engine.backward.loss_and_grad's need_dx
+        shapes = hp.block_shapes()
+        bwd -= sum(2 * N * shapes[t][0] * shapes[t][1] for t in (ATTN_Q, ATTN_K, ATTN_V, ATTN_QKV) if t in shapes)
     recompute = (hp.n_layer - 1) * (proj - down + attn) if checkpointing else 0
     recompute += head if head_twice else 0
     lora_flops = sum(2 * N * s.rank * (s.n_in + s.n_out) * 3 for s in lora.layout.specs if s.kind != "norm")

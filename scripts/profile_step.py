@@ -83,11 +83,12 @@ def instrument(timers: Timers):
         timers.add("LoRA terms, forward", time.perf_counter() - t1)
         return y, u
 
-    def linear_backward(dy, x, W, lora, u, grads, name):
+    def linear_backward(dy, x, W, lora, u, grads, name, need_dx=True):
         t0 = time.perf_counter()
-        dx = dy @ W
+        dx = dy @ W if need_dx else None
         t1 = time.perf_counter()
-        timers.add("layer products, backward", t1 - t0, 2.0 * dy.shape[0] * W.shape[0] * W.shape[1])
+        if need_dx:
+            timers.add("layer products, backward", t1 - t0, 2.0 * dy.shape[0] * W.shape[0] * W.shape[1])
         if lora is None:
             return dx
         a, b, s = lora

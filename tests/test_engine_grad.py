@@ -222,3 +222,30 @@ def test_streamed_head_equals_row_chunks(tmp_path_factory, monkeypatch, arch, ck
     bad[0, 0] = hp.n_vocab
     with pytest.raises(ValueError, match="targets"):
         loss_and_grad(w, hp, lora, lora.like(), tokens, bad, mask, inv)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])  # phi3: fused q, k, v
+@pytest.mark.parametrize("norm_rank", [0, 1])
+def test_first_block_without_dx_gives_the_same_gradients(tmp_path_factory, monkeypatch, arch, norm_rank):
+    """With no adapter on the token embedding nothing below the first block is trained: its q, k, v
+    products into dx are skipped (the attention norm's adapter still needs them)."""
+    hp, w = family(tmp_path_factory, arch)
+    ranks = LoraRanks.uniform(2, norm_rank=norm_rank, tok_embd=0)
+    layout = LoraLayout(make_specs(hp, ranks))
+    lora = LoraParams(layout, alpha=3.0, flat=np.random.default_rng(2).standard_normal(layout.size) * 0.2)
+    assert "token_embd.weight" not in {s.name for s in layout.specs}
+    tokens, targets, mask = batch(hp)
+    g_skip, g_full = lora.like(), lora.like()
+    calls = []
+    whole = backward.layer_backward
+
+    def spy(*a, **kw):
+        calls.append(a[-1])
+        return whole(*a, **kw)
+
+    monkeypatch.setattr(backward, "layer_backward", spy)
+    loss = loss_and_grad(w, hp, lora, g_skip, tokens, targets, mask, 0.1)
+    assert calls[-1] is False and all(calls[:-1])  # the first block (last called) alone
+    monkeypatch.setattr(backward, "layer_backward", lambda *a: whole(*a[:-1], True))
+    assert loss_and_grad(w, hp, lora, g_full, tokens, targets, mask, 0.1) == loss
+    assert np.linalg.norm(g_skip.flat - g_full.flat) <= 1e-12 * np.linalg.norm(g_full.flat)

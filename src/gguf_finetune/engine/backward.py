@@ -51,10 +51,11 @@ from .forward import (
 
 
 def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, lora, u, grads: LoraParams | None,
-                    name: str) -> np.ndarray:
-    """Backward of y = x·Wᵀ (+ bias) + s·(x·a)·bᵀ: dy [N, n_out] -> dx [N, n_in]; da, db accumulate.
-    (The bias is frozen: it has no gradient.)"""
-    dx = dy @ W  # [N, n_in]
+                    name: str, need_dx: bool = True) -> np.ndarray | None:
+    """Backward of y = x·Wᵀ (+ bias) + s·(x·a)·bᵀ: dy [N, n_out] -> dx [N, n_in] (None when not
+    ``need_dx``: then only the adapter's gradients); da, db accumulate.  (The bias is frozen: it
+    has no gradient.)"""
+    dx = dy @ W if need_dx else None  # [N, n_in]
     if lora is None:
         return dx
     a, b, s = lora
@@ -76,16 +77,19 @@ def _gated_act_backward(hp: HParams, dhf: np.ndarray, g: np.ndarray, u: np.ndarr
 
 
 def layer_backward(dout: np.ndarray, c: LayerCache, lw, il: int, hp: HParams, ps: Positions,
-                   lora: LoraParams | None, grads: LoraParams | None, flash: bool) -> np.ndarray:
-    """Backward of one block: dout [N, C] -> dx [N, C]; LoRA gradients accumulate in ``grads``."""
+                   lora: LoraParams | None, grads: LoraParams | None, flash: bool,
+                   need_dx: bool = True) -> np.ndarray | None:
+    """Backward of one block: dout [N, C] -> dx [N, C]; LoRA gradients accumulate in ``grads``.
+    Without ``need_dx`` (the first block, when nothing below it is trained) dx is not computed
+    unless the attention norm's adapter needs it, and None is returned."""
     spec = hp.spec
     Hq, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
     B, T = ps.B, ps.T
     N = B * T
 
-    def lin(dy, x, base):
+    def lin(dy, x, base, need=True):
         name = weight(base, il)
-        return linear_backward(dy, x, lw[base], _lora(lora, name), c.us[base], grads, name)
+        return linear_backward(dy, x, lw[base], _lora(lora, name), c.us[base], grads, name, need)
 
     # feed-forward: out = x2 + [post_ffw_norm](down(act(gate(h2)) · up(h2)))
     dd = dout
@@ -120,13 +124,20 @@ def layer_backward(dout: np.ndarray, c: LayerCache, lw, il: int, hp: HParams, ps
     if spec.qk_norm:
         dq = K.rmsnorm_backward(dq.reshape(-1, D), c.q_raw, lw[ATTN_Q_NORM], c.rstd_q, False)[0].reshape(N, -1)
         dk = K.rmsnorm_backward(dk.reshape(-1, D), c.k_raw, lw[ATTN_K_NORM], c.rstd_k, False)[0].reshape(N, -1)
+    l_att = _lora(lora, weight(ATTN_NORM, il))
+    if not need_dx and l_att is None:  # only the q, k, v adapters' gradients: no products into dx
+        if spec.fused_qkv:
+            lin(np.concatenate([dq, dk, dv], axis=1), c.h1, ATTN_QKV, False)
+        else:
+            for dy, base in ((dq, ATTN_Q), (dk, ATTN_K), (dv, ATTN_V)):
+                lin(dy, c.h1, base, False)
+        return None
     if spec.fused_qkv:
         dh1 = lin(np.concatenate([dq, dk, dv], axis=1), c.h1, ATTN_QKV)  # [N, C]
     else:
         dh1 = lin(dq, c.h1, ATTN_Q)
         dh1 += lin(dk, c.h1, ATTN_K)
         dh1 += lin(dv, c.h1, ATTN_V)
-    l_att = _lora(lora, weight(ATTN_NORM, il))
     dx, dg_att = K.rmsnorm_backward(dh1, c.x, c.g_att, c.rstd1, l_att is not None)  # [N, C], [C] or None
     norm_backward(dg_att, l_att, grads, weight(ATTN_NORM, il))
     dx += dx2
@@ -323,8 +334,10 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
         else:
             cache = saved[il]
         saved[il] = None  # free as we go
-        dx = layer_backward(dx, cache, lw, il, hp, ps, lora, grads, flash)
-    embed_backward(dx, tokens, weights, lora, grads)
+        need_dx = il > 0 or _lora(lora, weight(TOKEN_EMBD)) is not None  # (the embedding's adapter)
+        dx = layer_backward(dx, cache, lw, il, hp, ps, lora, grads, flash, need_dx)
+    if dx is not None:
+        embed_backward(dx, tokens, weights, lora, grads)
     return loss
 
 
