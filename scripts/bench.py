@@ -140,6 +140,7 @@ def main() -> None:
     from gguf_finetune.cli.common import keep_freed_memory, set_threads
     from gguf_finetune.config import AdamWConfig
     from gguf_finetune.engine.backward import head_streamed, loss_and_grad
+    from gguf_finetune.engine.forward import compact_rows
     from gguf_finetune.engine.kernels import key_starts
     from gguf_finetune.lora import LoraRanks, init_lora
     from gguf_finetune.optim import adamw_step
@@ -196,9 +197,13 @@ def main() -> None:
         world.allreduce(grads.flat)
         stats["allreduce"] += world.allreduce_seconds - t_ar
         adamw_step(lora.flat, grads.flat, m, v, it, 1.0, adam, decay)  # the trainer's optimizer step
-        lo = key_starts(*rows(x).shape, 0, None if seg is None else rows(seg))
-        n_loss = int(np.count_nonzero(rows(wp)))
-        stats["flops"] += step_matmul_flops(hp, lora, rows(x), rows(wp), lo, ckpt,
+        xr, wr, sr = rows(x), rows(wp), None if seg is None else rows(seg)
+        packed = compact_rows(xr, xr, wr, None if pos is None else rows(pos), sr) if flash else None
+        if packed is not None:  # the positions the engine runs (engine.forward.compact_rows)
+            xr, _, wr, _, sr = packed
+        lo = key_starts(*xr.shape, 0, sr)
+        n_loss = int(np.count_nonzero(wr))
+        stats["flops"] += step_matmul_flops(hp, lora, xr, wr, lo, ckpt,
                                             head_streamed(model.weights, n_loss, model.weights.dtype.itemsize))
         stats["positions"] += x.size
         stats["trained"] += int(np.count_nonzero(w))

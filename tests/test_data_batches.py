@@ -37,11 +37,14 @@ def test_shuffle_is_a_seeded_permutation_with_offsets_in_range():
 # -- packed rows ----------------------------------------------------------------------------------
 
 def _records(sizes, seed=0):
+    """Records of these sizes with random trained masks, each ending on a trained token (so that all
+    its s - 1 positions run: engine.forward.compact_rows)."""
     sizes = np.asarray(sizes, dtype=np.int64)
     begins = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, 100, int(sizes.sum())).astype(np.int32)
     trained = (rng.random(tokens.size) < 0.6).astype(np.uint8)
+    trained[begins + sizes - 1] = 1
     return begins, sizes, tokens, trained
 
 
@@ -73,9 +76,14 @@ def test_pack_records_cuts_long_records_and_wraps():
 def test_packing_efficiency_counts_real_and_trained_positions():
     begins, sizes, tokens, trained = _records([5, 9, 4, 3, 8, 2])
     ds = types.SimpleNamespace(begins=begins, sizes=sizes, tokens=tokens, trained=trained, n_samples=6)
-    packed = packing_efficiency(ds, 2, 10, True)
-    alone = packing_efficiency(ds, 2, 10, False)
+    packed = packing_efficiency(ds, 2, 10, True, compact=False)
+    alone = packing_efficiency(ds, 2, 10, False, compact=False)
     assert packed.real == alone.real == 4 + 8 + 3 + 2 + 7 + 1
     assert packed.trained == alone.trained
     assert packed.positions < alone.positions
     assert "real tokens / computed positions" in packed.text()
+    # with flash attention each record runs up to its last trained target: only real positions
+    for p in (packing_efficiency(ds, 2, 10, True), packing_efficiency(ds, 2, 10, False)):
+        assert p.positions == p.real == 25 and p.trained == packed.trained
+    trained[begins[1] + 5:begins[1] + 9] = 0  # record 1 ends on 4 positions without a loss
+    assert packing_efficiency(ds, 2, 10, False).positions == 21 == packing_efficiency(ds, 2, 10, True).positions

@@ -224,6 +224,53 @@ def test_streamed_head_equals_row_chunks(tmp_path_factory, monkeypatch, arch, ck
         loss_and_grad(w, hp, lora, lora.like(), tokens, bad, mask, inv)
 
 
+def test_compact_rows_lays_the_needed_positions_end_to_end():
+    from gguf_finetune.engine.forward import compact_rows
+
+    tokens = np.arange(12).reshape(2, 6)
+    mask = np.array([[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], np.float32)
+    assert compact_rows(tokens, tokens, np.ones_like(mask), None, None) is None  # every row ends on a loss
+    x, y, m, pos, seg = compact_rows(tokens, tokens + 1, mask, None, None)
+    assert x.tolist() == [[0, 1, 2, 6, 7, 8, 9, 10, 11]] and y.tolist() == [[1, 2, 3, 7, 8, 9, 10, 11, 12]]
+    assert m.tolist() == [[0, 1, 1, 1, 1, 1, 1, 1, 1]]
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5]] and seg.tolist() == [[0, 0, 0, 3, 3, 3, 3, 3, 3]]
+    # packed rows keep their records; a record's positions after its last loss go, inside a row too
+    # (row 0: record 2's second position), and so does a record without a loss (row 0: record 5)
+    packed_seg = np.array([[0, 0, 2, 2, 4, 5], [0, 0, 0, 3, 3, 3]])
+    packed_pos = np.arange(6)[None, :] - packed_seg
+    mask[0, 4] = 1
+    x, _, m, pos, seg = compact_rows(tokens, tokens, mask, packed_pos, packed_seg)
+    assert x.tolist() == [[0, 1, 2, 4, 6, 7, 8, 9, 10, 11]] and m.tolist() == [[0] + [1] * 9]
+    assert seg.tolist() == [[0, 0, 2, 3, 4, 4, 4, 7, 7, 7]] and pos.tolist() == [[0, 1, 0, 0, 0, 1, 2, 0, 1, 2]]
+    x, *_ = compact_rows(tokens, tokens, np.zeros_like(mask), None, None)
+    assert x.size == 0  # nothing with a loss: nothing to run
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3"])  # gemma3: sliding-window layers
+def test_positions_after_the_last_loss_change_nothing(tmp_path_factory, monkeypatch, arch, ckpt):
+    """Rows whose last positions have no loss weight (padding, a record's untrained tail) run as one
+    row of what remains (forward.compact_rows): the same loss and gradients as the whole batch, in
+    training and in validation, with one record per row and with packed rows."""
+    hp, w = tiny(tmp_path_factory, gqa=True, tied=False) if arch == "llama-gqa" else family(tmp_path_factory, arch)
+    lora = random_lora(hp, 1, np.float64)
+    p, (X, Y, W) = packed_and_alone(hp)
+    for args in [(X, Y, W, None, None), (p.tokens, p.targets, p.weights.astype(np.float64), p.pos, p.seg_start)]:
+        tokens, targets, mask, pos, seg = args
+        assert (mask[:, -1] == 0).any()  # something to drop
+        inv = 1.0 / mask.sum()
+        g_compact, g_whole = lora.like(), lora.like()
+        run = dict(checkpointing=ckpt, flash=True, pos=pos, seg_start=seg)
+        loss_c = loss_and_grad(w, hp, lora, g_compact, tokens, targets, mask, inv, **run)
+        eval_c = loss_and_grad(w, hp, lora, None, tokens, targets, mask, inv, **run)
+        with monkeypatch.context() as mp:
+            mp.setattr(backward, "compact_rows", lambda *a: None)
+            loss_w = loss_and_grad(w, hp, lora, g_whole, tokens, targets, mask, inv, **run)
+            eval_w = loss_and_grad(w, hp, lora, None, tokens, targets, mask, inv, **run)
+        assert abs(loss_c - loss_w) <= 1e-10 * abs(loss_w) and abs(eval_c - eval_w) <= 1e-10 * abs(eval_w)
+        assert np.linalg.norm(g_compact.flat - g_whole.flat) <= 1e-10 * np.linalg.norm(g_whole.flat)
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3"])  # phi3: fused q, k, v
 @pytest.mark.parametrize("norm_rank", [0, 1])
 def test_first_block_without_dx_gives_the_same_gradients(tmp_path_factory, monkeypatch, arch, norm_rank):

@@ -274,7 +274,7 @@ def setup_data(a: FinetuneArgs, model, seed: int, saved, prog: str):
         ds = ds.as_records(tok.bos_id)
     B, T = a.train.n_batch, a.train.n_ctx
     if fmt == "jsonl" or pack:
-        eff = packing_efficiency(ds, B, T, pack)
+        eff = packing_efficiency(ds, B, T, pack, compact=a.train.flash)
         _say(f"main: {'packed rows' if pack else 'one record per row'}: {eff.text()}")
     state = resume_shuffle(saved, ds, a.data.train_data, seed, a.data.force_reshuffle, report=_say)
     if pack:

@@ -284,9 +284,18 @@ class Efficiency:
                 f"trained tokens / computed positions {100 * self.trained / self.positions:.1f}%")
 
 
-def packing_efficiency(dataset, n_batch: int, n_ctx: int, packed: bool) -> Efficiency:
+def _loss_extent(trained, b: int, p: int) -> int:
+    """Positions of a record (first token at ``b``, ``p`` positions) up to its last trained target:
+    those that run with flash attention (engine.forward.compact_rows)."""
+    w = np.flatnonzero(np.asarray(trained[b + 1:b + p + 1]) > 0)
+    return int(w[-1]) + 1 if w.size else 0
+
+
+def packing_efficiency(dataset, n_batch: int, n_ctx: int, packed: bool, compact: bool = True) -> Efficiency:
     """One epoch of batches in the dataset's own order (what a shuffled one gives, to a few percent):
-    packed rows, or one record per row cut to the longest row of its batch."""
+    packed rows, or one record per row cut to the longest row of its batch.  With ``compact`` (flash
+    attention: engine.forward.compact_rows) only each record's positions up to its last trained
+    target run; otherwise every row is as long as the batch's longest."""
     n = dataset.n_samples
     positions = real = trained = 0
     first = 0
@@ -294,17 +303,20 @@ def packing_efficiency(dataset, n_batch: int, n_ctx: int, packed: bool) -> Effic
         if packed:
             p = pack_records(0, dataset.begins[first:], dataset.sizes[first:], dataset.tokens, dataset.trained, n_batch,
                              n_ctx, 0)  # (the epoch's remaining records: no wrap-around)
-            rows, used, width = [r for r in p.rows], p.used, p.tokens.shape[1]
-            real += sum(q for r in rows for _, _, q in r)
+            used, width = p.used, p.tokens.shape[1]
+            records = [(int(dataset.begins[first + i]), q) for r in p.rows for i, _, q in r]
             trained += int((p.weights > 0).sum())
         else:
             used = min(n_batch, n - first)
-            takes = [max(0, min(int(s), n_ctx + 1) - 1) for s in dataset.sizes[first:first + used]]
-            width = max(1, max(takes))
-            real += sum(takes)
-            for i, q in zip(range(first, first + used), takes):
-                b = int(dataset.begins[i])
-                trained += int((np.asarray(dataset.trained[b + 1:b + q + 1]) > 0).sum())
-        positions += n_batch * width
+            records = [(int(dataset.begins[i]), max(0, min(int(dataset.sizes[i]), n_ctx + 1) - 1))
+                       for i in range(first, first + used)]
+            width = max(1, max(q for _, q in records))
+            trained += sum(int((np.asarray(dataset.trained[b + 1:b + q + 1]) > 0).sum()) for b, q in records)
+        if compact:
+            positions += sum(_loss_extent(dataset.trained, b, q) for b, q in records)
+            real += sum(_loss_extent(dataset.trained, b, q) for b, q in records)
+        else:
+            positions += n_batch * width
+            real += sum(q for _, q in records)
         first += used
     return Efficiency(positions, real, trained)

@@ -141,6 +141,38 @@ class Positions:
         return self.lo_local if hp.is_local(il) else self.lo_global
 
 
+def compact_rows(tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray, pos: np.ndarray | None,
+                 seg_start: np.ndarray | None):
+    """The batch without the positions that no loss depends on: those after the last position with
+    a loss weight in their record (``seg_start``; None: each row is one record) — a chat record's
+    closing newline, the padding of packed rows and of rows cut to the batch's longest record.
+    Attention is causal within a record, so no query with a loss sees them.  What remains is laid
+    end to end as one row [1, N'] of the same records (``pos``, ``seg_start``).  Returns (tokens,
+    targets, mask, pos, seg_start), or None when every position is needed (the text pipeline's
+    rows: a loss on every position)."""
+    B, T = tokens.shape
+    n = B * T
+    w = np.asarray(mask).reshape(n) != 0
+    if seg_start is None:
+        seg_start = np.zeros((B, T), dtype=np.int64)
+    rec = (np.asarray(seg_start, dtype=np.int64).reshape(B, T) + (np.arange(B) * T)[:, None]).reshape(n)  # [n]
+    last = np.full(n, -1, dtype=np.int64)  # by record (its first flat position): its last position with a loss
+    np.maximum.at(last, rec, np.where(w, np.arange(n), -1))
+    need = np.arange(n) <= last[rec]  # [n]
+    if need.all():
+        return None
+    idx = np.flatnonzero(need)  # [N'] into the flat batch
+    new = np.cumsum(need) - 1  # [n] each kept position's index in the new row
+    if pos is None:
+        pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+
+    def flat(a):
+        return np.ascontiguousarray(np.asarray(a).reshape(n)[idx][None])
+
+    # (a record's first position is kept whenever any of it is)
+    return flat(tokens), flat(targets), flat(mask), flat(pos), np.ascontiguousarray(new[rec[idx]][None])
+
+
 # -- one transformer block ---------------------------------------------------------------------
 
 @dataclass
