@@ -3,10 +3,11 @@
 
     python scripts/profile_step.py                       # no checkpointing, flash, SmolLM2 Q4_1 ctx 256
     python scripts/profile_step.py --checkpointing --steps 3
+    python scripts/profile_step.py --data examples/chat/train.jsonl --batch 4    # packed chat rows
 
 This wraps the engine's kernels (``engine.kernels``) and its linear forward/backward in
 ``time.perf_counter`` calls, in this process only, and runs the same step as scripts/bench.py
-(rank 4 on every target, random tokens). It prints per part: ms per step, calls per step, µs per
+(rank 4 on every target but a tied embedding; random tokens, or the file's first packed batch). It prints per part: ms per step, calls per step, µs per
 call, and for the products the GFLOP/s they reached. The timers cost a few ms per step. (AdamW,
 which bench.py's step includes, is not run here: 3 ms per step.)
 The products split into the layers' forward and backward and the head's two products, so they can
@@ -121,6 +122,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpointing", action="store_true", help="profile the checkpointed step (default: without)")
     ap.add_argument("--no-flash", action="store_true")
+    ap.add_argument("--data", default=None, help="a JSONL file of chat records: packed rows as finetune makes them")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--chat-template", default=None)
+    ap.add_argument("--no-pack", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     from gguf_finetune.api import load_model
@@ -132,22 +137,31 @@ def main() -> None:
     set_threads(args.threads)
     keep_freed_memory()
     ck = args.checkpointing
-    model = load_model(args.model or str(default_model_path()), cache_head=not ck)
+    model = load_model(args.model or str(default_model_path()), cache_head=not ck, with_tokenizer=bool(args.data))
     hp = model.hparams
-    lora = init_lora(hp, LoraRanks.uniform(4), alpha=4, seed=1)
+    ranks = LoraRanks.uniform(4, **({"tok_embd": 0, "out": 0} if hp.tied_embeddings else {}))  # as bench.py
+    lora = init_lora(hp, ranks, alpha=4, seed=1)
     rng = np.random.default_rng(0)
     # every factor non-zero (a fresh adapter has b = 0, so da = 0 whatever the code does): the check
     # below then covers every term; the timings do not depend on the values
     lora.flat[:] = rng.standard_normal(lora.flat.size).astype(lora.flat.dtype) * 0.02
     grads = lora.like()
-    tokens = rng.integers(0, hp.n_vocab, size=(1, args.ctx))
-    targets = np.roll(tokens, -1, axis=1)
-    mask = np.ones((1, args.ctx), dtype=np.float32)
+    pos = seg = None
+    if args.data:  # the first packed batch of the file, as bench.py --data makes it
+        from bench import batches_from_data
+
+        b = batches_from_data(args, model, args.batch, args.ctx).next_batch()
+        tokens, targets, mask, pos, seg = b.tokens, b.targets, b.weights, b.pos, b.seg_start
+    else:
+        tokens = rng.integers(0, hp.n_vocab, size=(args.batch, args.ctx))
+        targets = np.roll(tokens, -1, axis=1)
+        mask = np.ones((args.batch, args.ctx), dtype=np.float32)
+    inv = 1.0 / max(float(mask.sum()), 1.0)
 
     def step() -> float:
         grads.flat[:] = 0
-        return BW.loss_and_grad(model.weights, hp, lora, grads, tokens, targets, mask, 1.0 / args.ctx,
-                                checkpointing=ck, flash=not args.no_flash)
+        return BW.loss_and_grad(model.weights, hp, lora, grads, tokens, targets, mask, inv,
+                                checkpointing=ck, flash=not args.no_flash, pos=pos, seg_start=seg)
 
     loss = step()  # the engine as it is (also: compilation or cache load)
     expected = grads.flat.copy()
@@ -162,8 +176,10 @@ def main() -> None:
         step()
     per_step = (time.perf_counter() - t0) / args.steps
     n = args.steps
-    print(f"{'checkpointing' if ck else 'no checkpointing'}, ctx {args.ctx}: {per_step * 1e3:.1f} ms per step "
-          f"({args.ctx / per_step:.1f} tokens/s, timers included), mean of {n}")
+    print(f"{'checkpointing' if ck else 'no checkpointing'}, ctx {tokens.shape[1]}, batch {tokens.shape[0]}: "
+          f"{per_step * 1e3:.1f} ms per step "
+          f"({tokens.size / per_step:.1f} positions/s, {np.count_nonzero(mask) / per_step:.1f} trained tokens/s, "
+          f"timers included), mean of {n}")
     accounted = 0.0
     for key, t in sorted(timers.t.items(), key=lambda kv: -kv[1]):
         accounted += t

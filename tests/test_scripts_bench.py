@@ -38,7 +38,7 @@ def test_profile_step_runs_on_a_tiny_model(tmp_path):
                        check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("no checkpointing, ctx 16:")
+    assert lines[0].startswith("no checkpointing, ctx 16, batch 1:")
     parts = {ln.split("  ")[1].strip() for ln in lines[1:] if ln.startswith("  ")}
     # the instrumented step went through the products, the head and the flash kernels
     assert {"layer products, forward", "layer products, backward",
