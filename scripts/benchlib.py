@@ -67,9 +67,12 @@ def host() -> dict:
 
 
 def commit() -> str | None:
+    """HEAD's short hash, with "+dirty" when tracked files differ from it (the results file itself,
+    which a run with several rows appends to as it goes, does not count)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){RESULTS.relative_to(REPO).as_posix()}"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except OSError:
