@@ -726,9 +726,9 @@ def lora_backward(dy, x, u, a, b, s: float, dx, da, db) -> None:
     not wanted), and the gradients da [n_in, r] += s·xᵀ·(dy·b), db [n_out, r] += s·dyᵀ·u, all in
     place (u = x·a [N, r]).
 
-    numpy's three products read dy twice, x once and write a temporary of dx's size, each on one
-    thread at r of a few columns; this is one parallel pass over dy, x and dx in fixed chunks of
-    rows (:data:`LORA_ROWS`), whose partial sums are then added in chunk order.
+    As three numpy products these would read dy twice and write a temporary of dx's size, on one
+    thread at r of a few columns; here they are one parallel pass over dy, x and dx in fixed chunks
+    of rows (:data:`LORA_ROWS`), whose partial sums are then added in chunk order.
     """
     N, n_out = dy.shape
     n_in, r = a.shape
