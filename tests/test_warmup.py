@@ -37,8 +37,8 @@ PROBES = {
                              norm_rank=1, budget=0),
     # a vocabulary whose logits take several row chunks when streaming: the head streamed twice
     "llama-streamed-head": dict(spec=dict(arch="llama", n_vocab=140000), budget=0, streamed=True),
-    # a step of as many rows as kernels.LORA_PARALLEL_ROWS: the LoRA forward's parallel kernels
-    "qwen2-parallel-lora": dict(spec=dict(arch="qwen2"), lora_parallel_rows=24),
+    # a step of as many rows as kernels.LORA_PARALLEL_ROWS: the LoRA forward's rows split among threads
+    "qwen2-split-lora": dict(spec=dict(arch="qwen2"), lora_parallel_rows=24),
 }
 
 

@@ -159,11 +159,6 @@ def jobs(plan: Plan) -> list[Job]:
         K.lora_forward(x, a(C, R), a(C, R), 0.5, a(N, C))
         K.lora_backward(x, x, a(N, R), a(C, R), a(C, R), 0.5, a(N, C), a(C, R), a(C, R))
 
-    def lora_parallel() -> None:  # the same from kernels.LORA_PARALLEL_ROWS rows on
-        K._lora_fwd_par(x, a(R, C), a(R, C), dt.type(0.5), a(N, C), a(N, R))
-        if plan.lora_u:
-            K._lora_u_par(x, a(R, C), a(N, R))
-
     def lora_add() -> None:
         for par, strided in sorted(plan.lora_add_variants()):
             y = a(N, 2 * C)[:, :C] if strided else a(N, C)
@@ -189,9 +184,6 @@ def jobs(plan: Plan) -> list[Job]:
         out.append(Job("swiglu", (K._swiglu_fwd, K._swiglu_bwd), gated(K.swiglu_forward, K.swiglu_backward)))
     if plan.lora_u:
         out.append(Job("lora_u", (K._lora_u,), lambda: K.lora_u(x, a(C, R))))
-    if plan.rows >= K.LORA_PARALLEL_ROWS:
-        out.append(Job("lora_parallel", (K._lora_fwd_par,) + ((K._lora_u_par,) if plan.lora_u else ()),
-                       lora_parallel))
     if plan.norm_adapters:
         out.append(Job("rmsnorm_dw", (K._rmsnorm_bwd_dw,), lambda: K.rmsnorm_backward(x, x, w, a(N), True)))
     if plan.embd_adapter or plan.out_adapter:

@@ -11,15 +11,15 @@ one or two ``@njit`` kernels.  Conventions:
 * every result is deterministic run to run: a ``prange`` iteration (or a work item of
   :func:`_split`) writes only its own output slots, and every sum has a fixed order;
 * ``parallel=True`` only where it pays: the materialized attention's softmax, SwiGLU/GeGLU,
-  cross-entropy, the output adapter's passes over the logits, the LoRA terms' backward (fixed
-  chunks of rows) and their forward from :data:`LORA_PARALLEL_ROWS` rows on.  RMSNorm and RoPE are
-  serial: they are memory-bound, take ~0.02-0.3 ms, waking
-  numba's sleeping workers costs ~40 µs per call, and each parallel kernel adds ~0.5-2 s of
-  first-run compilation per dtype;
-* flash attention runs on several threads without ``parallel=True``: one serial ``nogil`` kernel
-  per pass loops over a range of work items, and :func:`_split` runs equal ranges on
-  ``numba.get_num_threads()`` threads (the split a ``prange`` makes, the same arithmetic per item).
-  A ``prange`` over a per-item kernel's deep call tree cost twice the first-run compilation;
+  cross-entropy and the output adapter's passes over the logits.  RMSNorm and RoPE are serial:
+  they are memory-bound, take ~0.02-0.3 ms, waking numba's sleeping workers costs ~40 µs per
+  call, and each parallel kernel adds ~0.5-2 s of first-run compilation per dtype;
+* flash attention and the LoRA terms of the layers (their backward in fixed chunks of rows, their
+  forward from :data:`LORA_PARALLEL_ROWS` rows on) run on several threads without
+  ``parallel=True``: one serial ``nogil`` kernel per pass loops over a range of work items, and
+  :func:`_split` runs equal ranges on ``numba.get_num_threads()`` threads (the split a ``prange``
+  makes, the same arithmetic per item).  A ``prange`` over a per-item kernel's deep call tree cost
+  twice the first-run compilation;
 * the big products of the materialized attention are numpy batched matmuls (BLAS).
 
 Shapes: N rows (tokens) of C channels, F = n_ff, B sequences of T tokens, Hq/Hkv query/KV heads
@@ -609,38 +609,33 @@ def _lora_u_row(x, n, aT, u):  # pragma: no cover - compiled
         k += 1
 
 
-LORA_PARALLEL_ROWS = 512  # lora_forward and lora_u use the workers from this many rows on: a step of
-# packed rows (0.3-0.7 ms a call, memory-bound); below, the wake-up costs about what it saves
+LORA_PARALLEL_ROWS = 512  # lora_forward and lora_u split the rows among threads from this many on: a
+# step of packed rows (0.3-0.7 ms a call, memory-bound); below, the hand-off costs about what it saves
 
 
-@njit(cache=True, fastmath={"contract", "reassoc"})
-def _lora_fwd(x, aT, bT, s, y, u):  # pragma: no cover - compiled
-    # x [N, n_in], aT [r, n_in], bT [r, n_out]: u = x·a [N, r]; y [N, n_out] += s·u·bᵀ.  Rows are
-    # independent, so both products run in one pass per row with no BLAS call and no temporary.
-    # On the calling thread: for a few rows waking the workers costs more than it saves.
-    for n in range(x.shape[0]):
+@njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def _lora_fwd(x, aT, bT, s, y, u, n0, n1):  # pragma: no cover - compiled
+    # x [N, n_in], aT [r, n_in], bT [r, n_out]: rows n0..n1-1 of u = x·a [N, r] and y [N, n_out] +=
+    # s·u·bᵀ.  Rows are independent, so both products run in one pass per row with no BLAS call and
+    # no temporary, and a range of rows is a work item of _split (serial nogil: no parallel=True
+    # compile), each row's arithmetic the same whatever the split.
+    for n in range(n0, n1):
         _lora_u_row(x, n, aT, u)
         _lora_add_row(y[n], u, n, s, bT)
 
 
-@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
-def _lora_fwd_par(x, aT, bT, s, y, u):  # pragma: no cover - compiled
-    # _lora_fwd with rows in parallel: each row's arithmetic is the serial kernel's (bit for bit)
-    for n in prange(x.shape[0]):
-        _lora_u_row(x, n, aT, u)
-        _lora_add_row(y[n], u, n, s, bT)
-
-
-@njit(cache=True, fastmath={"contract", "reassoc"})
-def _lora_u(x, aT, u):  # pragma: no cover - compiled
-    for n in range(x.shape[0]):
+@njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def _lora_u(x, aT, u, n0, n1):  # pragma: no cover - compiled
+    for n in range(n0, n1):
         _lora_u_row(x, n, aT, u)
 
 
-@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
-def _lora_u_par(x, aT, u):  # pragma: no cover - compiled
-    for n in prange(x.shape[0]):
-        _lora_u_row(x, n, aT, u)
+def _rows(kernel, N: int, *args) -> None:
+    """``kernel(*args, n0, n1)`` over rows 0..N-1: split among threads from LORA_PARALLEL_ROWS rows."""
+    if N >= LORA_PARALLEL_ROWS:
+        _split(kernel, N, *args)
+    else:
+        kernel(*args, 0, N)
 
 
 def lora_u(x, a):
@@ -649,8 +644,7 @@ def lora_u(x, a):
     if x.ndim != 2 or a.ndim != 2 or a.shape[0] != x.shape[1] or a.dtype != x.dtype:
         raise ValueError(f"lora_u: x {x.shape} {x.dtype}, a {a.shape} {a.dtype} do not fit")
     u = np.empty((x.shape[0], a.shape[1]), dtype=x.dtype)
-    kernel = _lora_u_par if x.shape[0] >= LORA_PARALLEL_ROWS else _lora_u
-    kernel(np.ascontiguousarray(x), np.ascontiguousarray(a.T), u)
+    _rows(_lora_u, x.shape[0], np.ascontiguousarray(x), np.ascontiguousarray(a.T), u)
     return u
 
 
@@ -665,8 +659,8 @@ def lora_forward(x, a, b, s: float, y):
     if not (x.dtype == a.dtype == b.dtype == y.dtype):
         raise ValueError("lora_forward: x, a, b and y must have the same dtype")
     u = np.empty((x.shape[0], a.shape[1]), dtype=x.dtype)
-    kernel = _lora_fwd_par if x.shape[0] >= LORA_PARALLEL_ROWS else _lora_fwd
-    kernel(np.ascontiguousarray(x), np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), x.dtype.type(s), y, u)
+    _rows(_lora_fwd, x.shape[0], np.ascontiguousarray(x), np.ascontiguousarray(a.T), np.ascontiguousarray(b.T),
+          x.dtype.type(s), y, u)
     return u
 
 
@@ -694,15 +688,16 @@ def _outer_rows(acc, w, n, nb, X):  # pragma: no cover - compiled
             ak[j] += w0 * x0[j] + w1 * x1[j] + w2 * x2[j] + w3 * x3[j]
 
 
-@njit(cache=True, parallel=True, fastmath={"contract", "reassoc"})
-def _lora_bwd(dy, x, u, aT, bT, s, with_dx, dx, dyb, dbp, dap):  # pragma: no cover - compiled
+@njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def _lora_bwd(dy, x, u, aT, bT, s, with_dx, dx, dyb, dbp, dap, c0, c1):  # pragma: no cover - compiled
     # dy [N, n_out], x [N, n_in], u [N, r] (= x·a), aT [r, n_in], bT [r, n_out] ->
     #   dyb [N, r] = dy·b;  dx [N, n_in] += s·dyb·aᵀ (if with_dx);
     #   per chunk c of LORA_ROWS rows: dbp[c] [r, n_out] = Σ uᵀ·dy,  dap[c] [r, n_in] = Σ dybᵀ·x.
-    # Chunks in parallel; within a chunk, rows four at a time: dy's rows are read from memory once
-    # (for dy·b, then again from cache for the b gradient), x's and dx's once.
+    # Chunks c0..c1-1: a range of chunks is a work item of _split.  Within a chunk, rows four at a
+    # time: dy's rows are read from memory once (for dy·b, then again from cache for the b
+    # gradient), x's and dx's once.
     N = dy.shape[0]
-    for c in prange(dbp.shape[0]):
+    for c in range(c0, c1):
         n0 = c * LORA_ROWS
         n1 = min(N, n0 + LORA_ROWS)
         db = dbp[c]
@@ -727,8 +722,9 @@ def lora_backward(dy, x, u, a, b, s: float, dx, da, db) -> None:
     place (u = x·a [N, r]).
 
     As three numpy products these would read dy twice and write a temporary of dx's size, on one
-    thread at r of a few columns; here they are one parallel pass over dy, x and dx in fixed chunks
-    of rows (:data:`LORA_ROWS`), whose partial sums are then added in chunk order.
+    thread at r of a few columns; here they are one pass over dy, x and dx in fixed chunks of rows
+    (:data:`LORA_ROWS`) on several threads (:func:`_split`), whose partial sums are then added in
+    chunk order.
     """
     N, n_out = dy.shape
     n_in, r = a.shape
@@ -748,7 +744,7 @@ def lora_backward(dy, x, u, a, b, s: float, dx, da, db) -> None:
     dap = np.empty((n_chunks, r, n_in), dtype=dy.dtype)
     dyb = np.empty((N, r), dtype=dy.dtype)
     c = np.ascontiguousarray
-    _lora_bwd(c(dy), c(x), c(u), c(a.T), c(b.T), dy.dtype.type(s), with_dx, dx, dyb, dbp, dap)
+    _split(_lora_bwd, n_chunks, c(dy), c(x), c(u), c(a.T), c(b.T), dy.dtype.type(s), with_dx, dx, dyb, dbp, dap)
     dbT = np.empty((r, n_out), dtype=dy.dtype)
     daT = np.empty((r, n_in), dtype=dy.dtype)
     _sum_parts(dbp, dbT)
