@@ -155,7 +155,7 @@ def jobs(plan: Plan) -> list[Job]:
     def gated(fwd, bwd) -> Callable[[], None]:
         return lambda: (bwd(g, g, g), fwd(g, g))
 
-    def lora() -> None:  # an adapted linear's terms, forward and backward (with and without dx)
+    def lora() -> None:  # an adapted linear's terms, forward and backward
         K.lora_forward(x, a(C, R), a(C, R), 0.5, a(N, C))
         K.lora_backward(x, x, a(N, R), a(C, R), a(C, R), 0.5, a(N, C), a(C, R), a(C, R))
 

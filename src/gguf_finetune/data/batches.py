@@ -312,9 +312,10 @@ def packing_efficiency(dataset, n_batch: int, n_ctx: int, packed: bool, compact:
                        for i in range(first, first + used)]
             width = max(1, max(q for _, q in records))
             trained += sum(int((np.asarray(dataset.trained[b + 1:b + q + 1]) > 0).sum()) for b, q in records)
-        if compact:
-            positions += sum(_loss_extent(dataset.trained, b, q) for b, q in records)
-            real += sum(_loss_extent(dataset.trained, b, q) for b, q in records)
+        if compact:  # (every position that runs is a record's)
+            ran = sum(_loss_extent(dataset.trained, b, q) for b, q in records)
+            positions += ran
+            real += ran
         else:
             positions += n_batch * width
             real += sum(q for _, q in records)

@@ -283,6 +283,14 @@ def _loss_rows(mask: np.ndarray) -> np.ndarray | None:
     return None if keep.size == mask.size else keep
 
 
+def _positions_that_run(tokens, targets, mask, pos, seg_start, flash: bool):
+    """The batch as a step runs it: with flash attention without the positions no loss depends on
+    (forward.compact_rows); the materialized attention keeps the rows, as its scores would grow with
+    the square of one long row."""
+    packed = compact_rows(tokens, targets, mask, pos, seg_start) if flash else None
+    return (tokens, targets, mask, pos, seg_start) if packed is None else packed
+
+
 def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraParams | None,
                   tokens: np.ndarray, targets: np.ndarray, mask: np.ndarray, inv_norm: float,
                   checkpointing: bool = True, flash: bool = True, pos: np.ndarray | None = None,
@@ -292,16 +300,14 @@ def loss_and_grad(weights, hp: HParams, lora: LoraParams | None, grads: LoraPara
     loss = inv_norm · Σ mask·nll (float64).  With ``grads=None`` only the loss is computed.  Packed
     rows give each position's RoPE position ``pos`` and its record's first position ``seg_start``
     ([B, T]; a record attends only to itself).  The output head runs only on positions whose loss
-    weight is not 0, and with flash attention no position after a row's last such one runs at all
-    (:func:`compact_rows`).
+    weight is not 0, and with flash attention no position after its record's last such one runs at
+    all (:func:`_positions_that_run`).
     """
     if grads is None:
         return eval_loss(weights, hp, lora, tokens, targets, mask, inv_norm, flash, pos, seg_start)
-    packed = compact_rows(tokens, targets, mask, pos, seg_start) if flash else None
-    if packed is not None:  # (the materialized attention would grow with the square of the row)
-        tokens, targets, mask, pos, seg_start = packed
-        if tokens.size == 0:  # no position with a loss
-            return 0.0
+    tokens, targets, mask, pos, seg_start = _positions_that_run(tokens, targets, mask, pos, seg_start, flash)
+    if tokens.size == 0:  # no position with a loss
+        return 0.0
     B, T = tokens.shape
     dtype = weights.dtype
     ps = Positions.make(hp, weights, B, T, pos, seg_start)
@@ -352,11 +358,9 @@ def eval_loss(weights, hp: HParams, lora: LoraParams | None, tokens: np.ndarray,
               mask: np.ndarray, inv_norm: float, flash: bool = True, pos: np.ndarray | None = None,
               seg_start: np.ndarray | None = None) -> float:
     """Forward only: inv_norm · Σ mask·nll, logits processed in row chunks (only where mask != 0)."""
-    packed = compact_rows(tokens, targets, mask, pos, seg_start) if flash else None
-    if packed is not None:  # as in loss_and_grad
-        tokens, targets, mask, pos, seg_start = packed
-        if tokens.size == 0:
-            return 0.0
+    tokens, targets, mask, pos, seg_start = _positions_that_run(tokens, targets, mask, pos, seg_start, flash)
+    if tokens.size == 0:
+        return 0.0
     hn = forward_hidden(weights, hp, tokens, lora, flash, pos, seg_start)  # [N, C]
     tg = np.ascontiguousarray(targets.reshape(-1), dtype=np.int32)
     m = mask.reshape(-1).astype(np.float64)
