@@ -7,8 +7,9 @@
 
 This wraps the engine's kernels (``engine.kernels``) and its linear forward/backward in
 ``time.perf_counter`` calls, in this process only, and runs the same step as scripts/bench.py
-(rank 4 on every target but a tied embedding; random tokens, or the file's first packed batch). It prints per part: ms per step, calls per step, µs per
-call, and for the products the GFLOP/s they reached. The timers cost a few ms per step. (AdamW,
+(rank 4 on every target but a tied embedding; random tokens, or the file's first packed batch).
+It prints per part: ms per step, calls per step, µs per call, and for the products the GFLOP/s
+they reached. The timers cost a few ms per step. (AdamW,
 which bench.py's step includes, is not run here: 3 ms per step.)
 The products split into the layers' forward and backward and the head's two products, so they can
 be compared with docs/PERFORMANCE.md's figures.
